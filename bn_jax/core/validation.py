@@ -1,0 +1,87 @@
+"""Argument checks shared by every normalization.
+
+All checks run at trace time on static information (shapes, dtypes, Python
+numbers), so a bad call fails when the function is traced under ``jax.jit``
+with an error that names the argument, instead of producing NaNs later.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _is_static_number(value) -> bool:
+  """True when ``value`` is a concrete Python/NumPy number (not a tracer)."""
+  if isinstance(value, jax.core.Tracer):
+    return False
+  return isinstance(value, (numbers.Number, np.ndarray, np.generic)) or (
+      isinstance(value, jax.Array) and value.ndim == 0)
+
+
+def check_floating(x, name: str = "x") -> None:
+  """Raises TypeError unless ``x`` has a floating-point dtype."""
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"{name} must be a floating-point array (float16/bfloat16/float32/"
+        f"float64), got dtype {dtype}. Cast it first, e.g. "
+        f"{name}.astype(jnp.float32).")
+
+
+def normalize_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
+  """Turns an int or tuple of ints into sorted, non-negative, unique axes."""
+  axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+  if not axes:
+    raise ValueError(f"{name} must name at least one axis, got {axis!r}.")
+  out = []
+  for a in axes:
+    if not isinstance(a, numbers.Integral):
+      raise TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}.")
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"{name}={axis!r} is out of range for an input with {ndim} dims.")
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"{name}={axis!r} repeats an axis.")
+  return tuple(sorted(out))
+
+
+def check_momentum(momentum, name: str = "momentum") -> None:
+  """momentum is the weight of the old value; it must lie in [0, 1)."""
+  if _is_static_number(momentum):
+    m = float(momentum)
+    if not 0.0 <= m < 1.0:
+      raise ValueError(
+          f"{name} must be in [0, 1) (the weight of the OLD running value, as "
+          f"in flax; PyTorch's momentum=0.1 is {name}=0.9), got {m}.")
+
+
+def check_epsilon(epsilon, name: str = "epsilon") -> None:
+  if _is_static_number(epsilon):
+    e = float(epsilon)
+    if not e > 0.0:
+      raise ValueError(f"{name} must be > 0 (it keeps 1/sqrt(var + {name}) "
+                       f"finite), got {e}.")
+
+
+def check_feature_shape(array, expected: Sequence[int], name: str) -> None:
+  """Raises ValueError unless ``array`` has exactly the per-feature shape."""
+  if array is None:
+    return
+  shape = tuple(jnp.shape(array))
+  if shape != tuple(expected):
+    raise ValueError(
+        f"{name} has shape {shape} but the input has feature shape "
+        f"{tuple(expected)} (the sizes of the feature axes).")
+
+
+def check_positive_int(value, name: str, *, minimum: int = 1) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}.")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+  return int(value)
