@@ -31,10 +31,20 @@ Options from "Rethinking 'Batch' in BatchNorm" (Wu & Johnson, 2021):
 
 Statistics are computed in at least float32 with the shifted one-pass formula
 of :mod:`bn_jax.core.moments`, accurate when ``|mean| >> std``.
+
+Gradients: the train-mode transform is a ``jax.custom_jvp`` whose tangent is
+the closed form of the BN paper's backward pass (see
+``_train_normalize_jvp``). Being linear in the tangents, it is transposed by
+JAX into the compact backward ``dx = gamma r (g - E[g] - x_hat E[x_hat g])``
+(two reductions shared with dscale/dbias) rather than the derivative of the
+one-pass sums; forward mode and higher orders keep working. It holds for
+``mask``, ghost batches and ``axis_name`` (its means are ``psum``-ed too).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import functools
+import numbers
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,12 +76,43 @@ def batch_norm_state(num_features, dtype=jnp.float32) -> BatchNormState:
 
 def feature_layout(x: jax.Array, axis):
   """(feature_axes, reduction_axes, feature_shape, broadcast_shape)."""
+  if not isinstance(axis, (numbers.Integral, tuple, list)):
+    raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.")
   feature_axes = validation.normalize_axes(axis, x.ndim, "axis")
   reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
   feature_shape = tuple(x.shape[a] for a in feature_axes)
   broadcast_shape = tuple(
       x.shape[i] if i in feature_axes else 1 for i in range(x.ndim))
   return feature_axes, reduction_axes, feature_shape, broadcast_shape
+
+
+def _broadcast_mask(mask, shape):
+  """``mask`` as a boolean array of ``shape`` (None stays None)."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  try:
+    return jnp.broadcast_to(mask.astype(bool), shape)
+  except ValueError:
+    raise ValueError(f"mask has shape {mask.shape}, which does not broadcast "
+                     f"to the input's shape {tuple(shape)}.") from None
+
+
+def _check_ghost(x, axis, ghost_batch_size, axis_name) -> int:
+  """Validates ``ghost_batch_size`` against ``x``; returns it as an int."""
+  g = validation.check_positive_int(ghost_batch_size, "ghost_batch_size")
+  feature_axes = validation.normalize_axes(axis, x.ndim, "axis")
+  if 0 in feature_axes:
+    raise ValueError("ghost_batch_size splits axis 0 (the batch axis), so axis "
+                     f"0 must not be a feature axis; got axis={axis!r}.")
+  if axis_name is not None:
+    raise ValueError("ghost_batch_size and axis_name cannot be combined: the "
+                     "ghost batch is the normalization batch on one device.")
+  n = x.shape[0]
+  if n % g:
+    raise ValueError(f"ghost_batch_size={g} must divide the batch size "
+                     f"(x.shape[0]={n}).")
+  return g
 
 
 def batch_statistics(
@@ -91,22 +132,12 @@ def batch_statistics(
   """
   validation.check_floating(x)
   feature_axes, reduction_axes, _, _ = feature_layout(x, axis)
-  if mask is not None:
-    mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+  mask = _broadcast_mask(mask, x.shape)
   if ghost_batch_size is None:
     return moments(x, reduction_axes, mask=mask, axis_name=axis_name,
                    axis_index_groups=axis_index_groups)
-  g = validation.check_positive_int(ghost_batch_size, "ghost_batch_size")
-  if 0 in feature_axes:
-    raise ValueError("ghost_batch_size splits axis 0 (the batch axis), so axis "
-                     f"0 must not be a feature axis; got axis={axis!r}.")
-  if axis_name is not None:
-    raise ValueError("ghost_batch_size and axis_name cannot be combined: the "
-                     "ghost batch is the normalization batch on one device.")
+  g = _check_ghost(x, axis, ghost_batch_size, axis_name)
   n = x.shape[0]
-  if n % g:
-    raise ValueError(f"ghost_batch_size={g} must divide the batch size "
-                     f"(x.shape[0]={n}).")
   xg = x.reshape((n // g, g) + x.shape[1:])
   mg = None if mask is None else mask.reshape(xg.shape)
   group_axes = (1,) + tuple(a + 1 for a in reduction_axes if a != 0)
@@ -195,6 +226,118 @@ def check_common(x, state, scale, bias, *, axis, momentum, epsilon):
   return layout
 
 
+class _TrainConfig(NamedTuple):
+  """Static (hashable) settings of a train-mode normalization."""
+  reduction_axes: tuple
+  axis_name: Any
+  axis_index_groups: Any  # tuple of tuples, or None
+
+
+def _standardize(x, mask, epsilon, cfg: _TrainConfig):
+  """``(x - mean, 1 / sqrt(var + eps), Moments)`` with shifted statistics."""
+  m = moments(x, cfg.reduction_axes, mask=mask, axis_name=cfg.axis_name,
+              axis_index_groups=cfg.axis_index_groups)
+  inv = lax.rsqrt(m.var + epsilon)
+  return centered(x, m), inv, m
+
+
+def _scale_and_shift(c, mul, bias):
+  """``c * mul + bias``: gamma is folded into ``mul`` (one multiply)."""
+  y = c * mul
+  return y if bias is None else y + bias
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _train_normalize(x, scale, bias, mask, epsilon, cfg: _TrainConfig):
+  """Train-mode BN of ``x`` (already in the statistics dtype).
+
+  ``scale``/``bias`` are None or broadcast against ``x``. Returns
+  ``(y, mean, var, count)`` with the statistics keeping reduced dims.
+  """
+  c, inv, m = _standardize(x, mask, epsilon, cfg)
+  mul = inv if scale is None else inv * scale
+  return _scale_and_shift(c, mul, bias), m.mean, m.var, m.count
+
+
+@functools.partial(_train_normalize.defjvp, symbolic_zeros=True)
+def _train_normalize_jvp(cfg: _TrainConfig, primals, tangents):
+  r"""Closed-form tangent of batch norm (the BN paper's backward, as a JVP).
+
+  With :math:`E` the (masked, all-device) batch mean per feature,
+  :math:`\hat x = (x - \mu) r`, :math:`r = (\sigma^2 + \epsilon)^{-1/2}`:
+
+  .. math::
+
+     \dot y = \gamma r \,(\dot x - E[\dot x] - \hat x\, E[\hat x \dot x])
+              + \hat x \dot\gamma + \dot\beta
+              - \tfrac12 \gamma r^2 \hat x\, \dot\epsilon,\qquad
+     \dot\mu = E[\dot x],\quad \dot{\sigma^2} = 2 E[\hat x \dot x] / r .
+
+  It is linear in the tangents, so JAX transposes it into the compact
+  backward pass ``dx = gamma r (g - E[g] - x_hat E[x_hat g])`` instead of
+  differentiating through the one-pass sums. Higher derivatives
+  differentiate this rule (plain autodiff of the moments), so forward mode
+  and order-2 derivatives work too.
+
+  Written for XLA:CPU, whose fast reductions take elementwise inputs without
+  broadcasts (anything else is first written to memory): every full-size
+  factor is ``d = x - K`` -- the array the statistics were summed from --
+  and per-feature factors multiply *reduced* terms. So
+  ``x_hat * v = d * (r v) - E[d] r v`` and ``E[x_hat dx] = r (E[d dx] -
+  E[d] E[dx])`` (no cancellation: ``|d|`` is of the order of the spread, see
+  ``moments``). Transposed, the backward pass then needs only
+  ``sum(g)`` and ``sum(d * g)``, shared by dx, dscale and dbias, and no
+  ``x_hat`` temporary.
+  """
+  x, scale, bias, mask, epsilon = primals
+  dx, dscale, dbias, _, depsilon = tangents
+  m = moments(x, cfg.reduction_axes, mask=mask, axis_name=cfg.axis_name,
+              axis_index_groups=cfg.axis_index_groups)
+  inv = lax.rsqrt(m.var + epsilon)
+  d, mean_d = x - m.shift, m.shifted_mean
+  mul = inv if scale is None else inv * scale
+  y = _scale_and_shift(d - mean_d, mul, bias)
+
+  def batch_mean(v):
+    if mask is not None:
+      v = jnp.where(mask, v, 0.0)
+    s = jnp.sum(v, cfg.reduction_axes, keepdims=True)
+    if cfg.axis_name is not None:
+      s = lax.psum(s, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+    return s / jnp.maximum(m.count, 1.0)
+
+  def x_hat_times(v):  # x_hat * v for a per-feature v; see the docstring
+    return d * (inv * v) + (-mean_d * inv * v)
+
+  def nonzero(t):  # None: the argument itself is None (no scale/bias)
+    return t is not None and (
+        type(t) is not jax.custom_derivatives.SymbolicZero)
+
+  dy = jnp.zeros_like(y)
+  dmean = jnp.zeros_like(m.mean)
+  dvar = jnp.zeros_like(m.var)
+  if nonzero(dx):
+    mean_dx = batch_mean(dx)
+    cov_d_dx = batch_mean(d * dx) - mean_d * mean_dx  # = E[(x - mu) dx]
+    dy = mul * dx + (-mul * mean_dx) + x_hat_times(-mul * inv * cov_d_dx)
+    dmean = mean_dx
+    dvar = 2.0 * cov_d_dx
+  if nonzero(depsilon):  # d x_hat / d eps = -x_hat r^2 / 2
+    dy = dy + x_hat_times(-0.5 * mul * inv * depsilon)
+  if nonzero(dscale):
+    dy = dy + x_hat_times(dscale)
+  if nonzero(dbias):
+    dy = dy + dbias
+  return (y, m.mean, m.var, m.count), (dy, dmean, dvar,
+                                       jnp.zeros_like(m.count))
+
+
+def _hashable_groups(axis_index_groups):
+  if axis_index_groups is None:
+    return None
+  return tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+
+
 def batch_norm(
     x: jax.Array,
     state: BatchNormState,
@@ -240,21 +383,29 @@ def batch_norm(
   if not train:
     return normalize_with(x, state.mean, state.var, scale, bias,
                           epsilon=epsilon, broadcast_shape=bshape), state
+  if ghost_batch_size is not None:
+    ghost_batch_size = _check_ghost(x, axis, ghost_batch_size, axis_name)
   _check_enough_values(x, reduction_axes, ghost_batch_size, mask, axis_name)
-  m = batch_statistics(x, axis=axis, mask=mask, axis_name=axis_name,
-                       axis_index_groups=axis_index_groups,
-                       ghost_batch_size=ghost_batch_size)
-  grouped = ghost_batch_size is not None
-  xs = x.reshape((m.mean.shape[0], ghost_batch_size) + x.shape[1:]) if (
-      grouped) else x
-  # Fold gamma into the per-feature multiplier: one multiply per element.
-  mul = lax.rsqrt(m.var + epsilon)
-  if scale is not None:
-    mul = mul * jnp.reshape(scale, bshape).astype(mul.dtype)
-  y = centered(xs, m) * mul
-  if bias is not None:
-    y = y + jnp.reshape(bias, bshape).astype(y.dtype)
+  dtype = stats_dtype(x.dtype)
+  xs = x.astype(dtype)
+  mask = _broadcast_mask(mask, x.shape)
+  if ghost_batch_size is None:
+    axes = reduction_axes
+  else:  # normalize groups of ghost_batch_size samples: a leading group axis
+    xs = xs.reshape((x.shape[0] // ghost_batch_size, ghost_batch_size) +
+                    x.shape[1:])
+    mask = None if mask is None else mask.reshape(xs.shape)
+    axes = (1,) + tuple(a + 1 for a in reduction_axes if a != 0)
+    bshape = (1,) + bshape
+  per_feature = lambda p: None if p is None else jnp.reshape(
+      p, bshape).astype(dtype)
+  cfg = _TrainConfig(axes, axis_name, _hashable_groups(axis_index_groups))
+  y, mean, var, count = _train_normalize(
+      xs, per_feature(scale), per_feature(bias), mask,
+      jnp.asarray(epsilon, dtype), cfg)
   y = y.reshape(x.shape).astype(x.dtype)
-  mean, var = running_inputs(m, feature_shape, grouped=grouped,
+  batch = Moments(mean, var, count, mean, jnp.zeros_like(mean))
+  mean, var = running_inputs(batch, feature_shape,
+                             grouped=ghost_batch_size is not None,
                              unbiased=unbiased_running_var)
   return y, ema_update(state, mean, var, momentum=momentum)

@@ -29,9 +29,10 @@ formula; ``K`` carries ``stop_gradient`` so autodiff does not trace through it.
 Across devices (SyncBN, ``axis_name``) the sums and the sample count are
 ``psum``-ed, so devices holding different numbers of samples are weighted by
 their counts, and the pivot is the ``pmean`` of the devices' pivots so that
-every device shifts by the same value. With a ``mask`` the pivot could land on
-a masked-out (padding) value, so the masked path uses the exact two-pass
-formula instead.
+every device shifts by the same value. With a ``mask`` the first sample could
+be padding, so the pivot is the masked mean itself (one extra reduction): the
+"corrected two-pass" algorithm, whose second pass re-measures the pivot's
+rounding error as ``E[x - K]``.
 
 Statistics are computed in at least float32 (bf16/f16 inputs are upcast).
 """
@@ -109,13 +110,23 @@ def moments(
     return lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
 
   if mask is not None:
-    m = jnp.broadcast_to(mask, x.shape).astype(dtype)
-    count = psum(jnp.sum(m, axes, keepdims=True))
+    m = jnp.broadcast_to(mask, x.shape)
+    mf = m.astype(dtype)
+    count = psum(jnp.sum(mf, axes, keepdims=True))
     safe_count = jnp.maximum(count, 1.0)
-    mean = psum(jnp.sum(xf * m, axes, keepdims=True)) / safe_count
-    centered = (xf - mean) * m
-    var = psum(jnp.sum(centered * centered, axes, keepdims=True)) / safe_count
-    return Moments(mean, var, count, mean, jnp.zeros_like(mean))
+    # Corrected two-pass (Chan, Golub & LeVeque): a first masked mean is the
+    # pivot (a sample could be padding), then the same shifted sums as below.
+    # The pivot's own rounding (~eps * |mean|) cancels: it is re-measured by
+    # E[x - pivot], which is small and therefore accurate.
+    shift = lax.stop_gradient(psum(jnp.sum(jnp.where(m, xf, 0.0), axes,
+                                           keepdims=True)) /
+                              safe_count)
+    d = jnp.where(m, xf - shift, 0.0)
+    sum_d, sum_d2 = psum((jnp.sum(d, axes, keepdims=True),
+                          jnp.sum(d * d, axes, keepdims=True)))
+    mean_d = sum_d / safe_count
+    var = jnp.maximum(sum_d2 / safe_count - mean_d * mean_d, 0.0)
+    return Moments(shift + mean_d, var, count, shift, mean_d)
 
   local_count = 1
   for a in axes:
@@ -127,8 +138,7 @@ def moments(
   d = xf - shift
   sum_d = jnp.sum(d, axes, keepdims=True)
   sum_d2 = jnp.sum(d * d, axes, keepdims=True)
-  if axis_name is not None:  # one collective for both sums
-    sum_d, sum_d2 = psum(jnp.stack([sum_d, sum_d2]))
+  sum_d, sum_d2 = psum((sum_d, sum_d2))  # one collective for both sums
   mean_d = sum_d / count
   # The clamp only removes rounding-level negatives; see the module docstring.
   var = jnp.maximum(sum_d2 / count - mean_d * mean_d, 0.0)

@@ -1,1 +1,25 @@
-"""bn_jax.training"""
+"""bn_jax.training: the pieces ``train.py`` is built from.
+
+* :mod:`~bn_jax.training.config_validation`: the config keys
+  (:func:`base_config`) and :func:`validate_config`.
+* :mod:`~bn_jax.training.train_state`: :class:`TrainState` (params,
+  batch_stats, opt_state, step, rng), :func:`create_train_state`.
+* :mod:`~bn_jax.training.optim`: optax optimizers and schedules.
+* :mod:`~bn_jax.training.steps`: ``train_step`` / ``eval_step``.
+* :mod:`~bn_jax.training.parallel`: data parallelism with SyncBN.
+* :mod:`~bn_jax.training.checkpoint`: orbax checkpoints.
+* :mod:`~bn_jax.training.metrics`, :mod:`~bn_jax.training.plots`: JSON lines,
+  TensorBoard (tensorboardX), results table, matplotlib curves.
+* :mod:`~bn_jax.training.input_pipeline`,
+  :mod:`~bn_jax.training.synthetic_data`: data for training.
+* :mod:`~bn_jax.training.analysis_hooks`: calls :mod:`bn_jax.analysis`.
+"""
+from bn_jax.training.config_validation import base_config, validate_config
+from bn_jax.training.steps import eval_step, train_step
+from bn_jax.training.train_state import (TrainingDiverged, TrainState,
+                                         create_train_state)
+
+__all__ = [
+    "base_config", "validate_config", "eval_step", "train_step",
+    "TrainingDiverged", "TrainState", "create_train_state",
+]

@@ -1,0 +1,141 @@
+r"""Noisy batch norm (Santurkar et al., 2018, Sec. 2.1) as a pure function.
+
+The experiment that separates BN's benefit from "internal covariate shift":
+after each BN layer (before the nonlinearity) every activation is perturbed by
+i.i.d. noise whose distribution has a non-zero mean and a non-unit variance
+and is re-drawn at every training step, so the layer-input distributions keep
+shifting although BN is present.
+
+Train mode, one call = one training step, with ``key`` the step's PRNG key and
+``f`` indexing the features (the entries of the feature axes ``axis``):
+
+.. math::
+
+   y^{BN} &= \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta
+            \quad\text{(exactly ``batch_norm``, incl. the EMA update)}\\
+   m_f &\sim U(\text{noise\_mean\_range}),\qquad
+   s_f \sim U(\text{noise\_std\_range})
+        \quad\text{(per feature, drawn once per call)}\\
+   z_i &\sim N(0, 1)\quad\text{(per activation, i.i.d.)}\\
+   y_i &= y^{BN}_i + m_{f(i)} + s_{f(i)}\, z_i
+
+i.e. ADDITIVE noise ``n_i ~ N(m_f, s_f^2)``: within one step and feature the
+noise has mean ``m_f`` and standard deviation ``s_f``; both change from step
+to step (a different ``key`` gives different ``m_f``, ``s_f`` and ``z``).
+The noise does not depend on ``x``, so gradients equal batch norm's.
+
+The paper draws the noise mean and scale from uniform ranges; the exact ranges
+are not verified, hence the keyword arguments. Defaults:
+``noise_mean_range = (-1, 1)`` and ``noise_std_range = (0.5, 1.5)``.
+
+Eval mode (``train=False``): plain batch-norm inference, no noise; ``key`` is
+ignored and may be ``None``.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from bn_jax.core.batch_norm import BatchNormState, batch_norm, feature_layout
+from bn_jax.core.moments import stats_dtype
+
+
+class NoiseRanges(NamedTuple):
+  """Validated uniform ranges of the per-feature noise mean and std."""
+  mean: tuple[float, float]
+  std: tuple[float, float]
+
+
+def check_noise_ranges(noise_mean_range, noise_std_range) -> NoiseRanges:
+  """Raises ValueError/TypeError naming the argument for a bad range."""
+  out = []
+  for name, rng in (("noise_mean_range", noise_mean_range),
+                    ("noise_std_range", noise_std_range)):
+    if not (isinstance(rng, (tuple, list)) and len(rng) == 2 and all(
+        isinstance(v, numbers.Real) for v in rng)):
+      raise TypeError(f"{name} must be a pair of numbers (low, high), got "
+                      f"{rng!r}.")
+    low, high = float(rng[0]), float(rng[1])
+    if not low <= high:
+      raise ValueError(f"{name}=({low}, {high}) needs low <= high.")
+    out.append((low, high))
+  if out[1][0] < 0.0:
+    raise ValueError("noise_std_range must be non-negative (it is a standard "
+                     f"deviation), got {noise_std_range!r}.")
+  return NoiseRanges(out[0], out[1])
+
+
+def noisy_batch_norm(
+    x: jax.Array,
+    state: BatchNormState,
+    scale: Optional[jax.Array] = None,
+    bias: Optional[jax.Array] = None,
+    *,
+    key: Optional[jax.Array] = None,
+    train: bool,
+    noise_mean_range: tuple[float, float] = (-1.0, 1.0),
+    noise_std_range: tuple[float, float] = (0.5, 1.5),
+    axis=-1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    unbiased_running_var: bool = False,
+    axis_name=None,
+    axis_index_groups=None,
+    ghost_batch_size: Optional[int] = None,
+    mask: Optional[jax.Array] = None,
+) -> tuple[jax.Array, BatchNormState]:
+  """Batch norm followed (in training) by step-varying additive noise.
+
+  Args:
+    x: floating input, any rank. bf16/f16 inputs keep float32 statistics and
+      return ``y`` in the input dtype.
+    state: running statistics (``batch_norm_state``), feature-shaped.
+    scale: optional gamma, feature-shaped.
+    bias: optional beta, feature-shaped.
+    key: PRNG key of this training step (required when ``train``; use a new
+      one every step so the noise distribution is re-drawn). Ignored in eval.
+    train: batch statistics + EMA update + noise (True), or running
+      statistics without noise (False).
+    noise_mean_range: ``(low, high)`` of the uniform distribution of the
+      per-feature noise mean ``m_f``.
+    noise_std_range: ``(low, high)``, ``low >= 0``, of the uniform
+      distribution of the per-feature noise standard deviation ``s_f``.
+    axis: the feature axis or axes; statistics are over all other axes.
+    momentum: weight of the old running value, in [0, 1).
+    epsilon: added to the variance inside the square root, > 0.
+    unbiased_running_var: as in ``batch_norm``.
+    axis_name: SyncBN across this mapped axis (count-weighted). The noise is
+      drawn from ``key`` on each device.
+    axis_index_groups: device groups for SyncBN.
+    ghost_batch_size: as in ``batch_norm`` (ghost / virtual BN).
+    mask: as in ``batch_norm`` (True entries enter the statistics).
+
+  Returns:
+    ``(y, new_state)``; the state update is batch norm's (noise does not
+    enter the running statistics).
+  """
+  ranges = check_noise_ranges(noise_mean_range, noise_std_range)
+  if train and key is None:
+    raise ValueError("noisy_batch_norm needs a PRNG `key` in train mode (the "
+                     "noise is re-drawn every step), got key=None. In flax "
+                     "pass rngs={'noise': key}.")
+  y, new_state = batch_norm(
+      x, state, scale, bias, train=train, axis=axis, momentum=momentum,
+      epsilon=epsilon, unbiased_running_var=unbiased_running_var,
+      axis_name=axis_name, axis_index_groups=axis_index_groups,
+      ghost_batch_size=ghost_batch_size, mask=mask)
+  if not train:
+    return y, new_state
+  _, _, feature_shape, bshape = feature_layout(x, axis)
+  dtype = stats_dtype(x.dtype)
+  key_mean, key_std, key_z = jax.random.split(key, 3)
+  noise_mean = jax.random.uniform(key_mean, feature_shape, dtype,
+                                  *ranges.mean)
+  noise_std = jax.random.uniform(key_std, feature_shape, dtype, *ranges.std)
+  z = jax.random.normal(key_z, x.shape, dtype)
+  noise = (jnp.reshape(noise_mean, bshape) +
+           jnp.reshape(noise_std, bshape) * z)
+  return (y.astype(dtype) + noise).astype(x.dtype), new_state

@@ -1,0 +1,351 @@
+"""The normalization of every model, chosen by name.
+
+Every model in :mod:`bn_jax.models` builds its layers from the two blocks
+defined here, :class:`ConvNorm` and :class:`DenseNorm`. A block is a linear
+layer followed by the normalization named by ``norm`` (and optionally by a
+nonlinearity), and returns the normalized pre-activation::
+
+  'none'      Conv/Dense WITH bias, no normalization.
+  'bn'        Conv/Dense without bias -> bn_jax.nn.BatchNorm.
+  'ghost'     Conv/Dense without bias -> bn_jax.nn.BatchNorm(ghost_batch_size=
+              DEFAULT_GHOST_BATCH_SIZE) unless norm_kwargs sets it (Hoffer et
+              al. 2017; Wu & Johnson 2021: normalization batches of 32-128 are
+              the sweet spot). The batch size must be a multiple of it.
+  'gn'        Conv/Dense without bias -> bn_jax.nn.GroupNorm. Unless norm_kwargs
+              sets ``num_groups`` or ``group_size``, each layer uses the largest
+              number of groups <= 32 (Wu & He's default) that divides its
+              channel count (16 channels -> 16 groups, 100 -> 25, 512 -> 32).
+  'ln'        Dense without bias -> bn_jax.nn.LayerNorm (per sample over the
+              features). Conv without bias -> bn_jax.nn.GroupNorm(num_groups=1):
+              per sample over all of (H, W, C) with per-channel scale/bias,
+              which is Layer Normalization for conv nets as Wu & He (2018,
+              Section 3.1) define it ("LN is GN with G=1"), and keeps the
+              parameters independent of the image size. norm_kwargs are the
+              LayerNorm arguments (epsilon, use_scale, ...), which GroupNorm
+              shares.
+  'brn'       Conv/Dense without bias -> bn_jax.nn.BatchRenorm.
+  'noisy_bn'  Conv/Dense without bias -> bn_jax.nn.NoisyBatchNorm (needs the
+              'noise' rng stream in training).
+  'lp'        Conv/Dense without bias -> bn_jax.nn.LpNorm (``{'p': 1}`` etc.).
+  'frozen'    Conv/Dense without bias -> bn_jax.nn.FrozenBatchNorm.
+  'cbn'       bn_jax.nn.ConvCBN / DenseCBN: they own the kernel, because
+              Cross-Iteration BN compensates old statistics with the kernel.
+
+The bias of a Conv/Dense followed by a normalization is dropped because the
+mean subtraction cancels it (BN paper, Section 3.2).
+
+What the block sets itself (and ``norm_kwargs`` therefore may not): the
+feature ``axis`` (-1, NHWC), ``dtype`` (the activation dtype; parameters and
+statistics stay float32 via ``param_dtype=float32``), ``axis_name`` (SyncBN:
+forwarded to every module that has the attribute), ``use_running_average =
+not train`` (for the batch-statistics norms) and, for 'cbn', the convolution's
+geometry and kernel initializer. Every other constructor argument of the norm
+module may be given in ``norm_kwargs`` (e.g. ``{'momentum': 0.9}``,
+``{'num_groups': 8}``, ``{'window': 4, 'burn_in': 100}``, ``{'p': 1}``); an
+unknown key raises a ValueError listing the valid ones.
+
+The norm modules come from :mod:`bn_jax.nn`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bn_jax import nn as bn_nn
+
+NORMS = ('none', 'bn', 'cbn', 'gn', 'ln', 'brn', 'noisy_bn', 'lp', 'frozen',
+         'ghost')
+
+# Normalization batch size of 'ghost' when norm_kwargs does not set one.
+DEFAULT_GHOST_BATCH_SIZE = 32
+# Wu & He (2018)'s default number of groups; layers with fewer channels (or a
+# channel count it does not divide) use the largest divisor below it.
+DEFAULT_MAX_GROUPS = 32
+
+# Norms whose output depends on the other samples of the batch in training.
+BATCH_STATISTICS_NORMS = ('bn', 'cbn', 'brn', 'noisy_bn', 'lp', 'ghost')
+
+_MODULE_NAMES = {
+    'bn': 'BatchNorm',
+    'ghost': 'BatchNorm',
+    'gn': 'GroupNorm',
+    'ln': 'LayerNorm',
+    'brn': 'BatchRenorm',
+    'noisy_bn': 'NoisyBatchNorm',
+    'lp': 'LpNorm',
+    'frozen': 'FrozenBatchNorm',
+}
+
+# Constructor arguments the blocks set themselves.
+_SET_BY_BLOCK = frozenset({
+    'parent', 'name', 'use_running_average', 'axis_name', 'dtype',
+    'param_dtype', 'axis', 'feature_axes', 'reduction_axes'})
+_SET_BY_CBN_BLOCK = _SET_BY_BLOCK | frozenset({
+    'features', 'kernel_size', 'strides', 'padding', 'kernel_init',
+    'kernel_dilation', 'feature_group_count'})
+
+Activation = Optional[Callable[[jax.Array], jax.Array]]
+
+
+def _nn_class(class_name: str) -> type:
+  """bn_jax.nn.<class_name>, looked up when a norm is first used."""
+  cls = getattr(bn_nn, class_name, None)
+  if cls is None:
+    raise ImportError(
+        f'bn_jax.nn.{class_name} is not available in this installation.')
+  return cls
+
+
+def norm_module_classes(norm: str) -> tuple[type, ...]:
+  """The Flax module class(es) that implement ``norm`` ('none' -> ())."""
+  check_norm_name(norm)
+  if norm == 'none':
+    return ()
+  if norm == 'cbn':
+    return (_nn_class('ConvCBN'), _nn_class('DenseCBN'))
+  return (_nn_class(_MODULE_NAMES[norm]),)
+
+
+def _fields(cls: type) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def check_norm_name(norm) -> str:
+  if not isinstance(norm, str) or norm not in NORMS:
+    raise ValueError(
+        f'norm={norm!r} is not a known normalization; valid choices are '
+        f'{", ".join(repr(n) for n in NORMS)}.')
+  return norm
+
+
+def check_norm(norm: str, norm_kwargs: Optional[Mapping[str, Any]]) -> dict:
+  """Validates ``norm`` and ``norm_kwargs``; returns the kwargs as a dict.
+
+  Raises:
+    ValueError: unknown ``norm``, a key of ``norm_kwargs`` that the norm
+      module does not take, or a key the blocks set themselves.
+    TypeError: ``norm_kwargs`` is not a mapping with string keys.
+  """
+  check_norm_name(norm)
+  if norm_kwargs is None:
+    return {}
+  if not isinstance(norm_kwargs, Mapping):
+    raise TypeError(f'norm_kwargs must be a dict of constructor arguments of '
+                    f'the norm module, got {type(norm_kwargs).__name__}.')
+  kwargs = dict(norm_kwargs)
+  if not kwargs:
+    return kwargs
+  if norm == 'none':
+    raise ValueError(
+        f"norm='none' takes no norm_kwargs, got keys {sorted(kwargs)}.")
+  classes = norm_module_classes(norm)
+  accepted = set.intersection(*(_fields(c) for c in classes))
+  reserved = _SET_BY_CBN_BLOCK if norm == 'cbn' else _SET_BY_BLOCK
+  valid = sorted(accepted - reserved)
+  for key in kwargs:
+    if not isinstance(key, str):
+      raise TypeError(f'norm_kwargs keys must be strings, got {key!r}.')
+    if key in reserved and key in accepted:
+      raise ValueError(
+          f'norm_kwargs[{key!r}] is set by the model (axis, dtype, axis_name, '
+          f'use_running_average{", conv geometry" if norm == "cbn" else ""} '
+          f'come from create_model/the layer); valid keys for norm={norm!r} '
+          f'are {valid}.')
+    if key not in accepted:
+      raise ValueError(
+          f'norm_kwargs has unknown key {key!r} for norm={norm!r} '
+          f'({", ".join(c.__name__ for c in classes)}); valid keys are '
+          f'{valid}.')
+  return kwargs
+
+
+def default_num_groups(channels: int,
+                       max_groups: int = DEFAULT_MAX_GROUPS) -> int:
+  """The largest number of groups <= max_groups that divides ``channels``."""
+  for groups in range(min(max_groups, channels), 0, -1):
+    if channels % groups == 0:
+      return groups
+  return 1
+
+
+def _norm_layer(norm: str, kwargs: dict, *, features: int, train: bool,
+                dtype, axis_name, name: str, conv: bool) -> nn.Module:
+  """Constructs the (non-CBN) norm module of a block."""
+  kwargs = dict(kwargs)
+  if norm == 'ln' and conv:
+    # LN over (H, W, C) with per-channel affine = GroupNorm with one group.
+    norm = 'gn'
+    kwargs['num_groups'] = 1
+  (cls,) = norm_module_classes(norm)
+  fields = _fields(cls)
+  if norm == 'ghost':
+    kwargs.setdefault('ghost_batch_size', DEFAULT_GHOST_BATCH_SIZE)
+  if norm == 'gn' and 'num_groups' not in kwargs and 'group_size' not in kwargs:
+    kwargs['num_groups'] = default_num_groups(features)
+  if norm == 'gn' and kwargs.get('group_size') is not None:
+    # GroupNorm's num_groups has a default of 32; group_size alone decides.
+    kwargs.setdefault('num_groups', None)
+  if 'use_running_average' in fields:
+    kwargs['use_running_average'] = not train
+  if 'axis_name' in fields:
+    kwargs['axis_name'] = axis_name
+  if 'dtype' in fields:
+    kwargs['dtype'] = dtype
+  if 'param_dtype' in fields:
+    kwargs['param_dtype'] = jnp.float32
+  return cls(name=name, **kwargs)
+
+
+class _Block(nn.Module):
+  """Shared attributes of ConvNorm and DenseNorm."""
+
+  def _activate(self, y: jax.Array) -> jax.Array:
+    if self.activation is None:
+      return y
+    # The analysis tools (percentiles, Figure 1(b,c) of the BN paper) read the
+    # input of every nonlinearity from here.
+    self.sow('intermediates', 'preact', y)
+    return self.activation(y)
+
+
+class ConvNorm(_Block):
+  """Conv (3x3 by default) -> normalization [-> activation].
+
+  Submodule names: 'conv' and 'norm' (for 'cbn': a single 'cbn').
+
+  Attributes:
+    features: output channels.
+    kernel_size: spatial size of the kernel.
+    strides: spatial stride.
+    norm: one of :data:`NORMS`.
+    norm_kwargs: extra constructor arguments of the norm module.
+    dtype: activation (computation) dtype; parameters are float32.
+    axis_name: mapped axis for cross-device statistics (SyncBN) or None.
+    kernel_init: initializer of the convolution kernel.
+    padding: convolution padding.
+    activation: applied after the norm when not None; its input is sown as
+      ``intermediates/<path>/preact``.
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Union[int, Sequence[int]] = 1
+  norm: str = 'bn'
+  norm_kwargs: Optional[Mapping[str, Any]] = None
+  dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+  kernel_init: Callable = nn.initializers.kaiming_normal()
+  padding: Any = 'SAME'
+  activation: Activation = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    kwargs = check_norm(self.norm, self.norm_kwargs)
+    strides = ((self.strides,) * len(self.kernel_size)
+               if isinstance(self.strides, int) else tuple(self.strides))
+    if self.norm == 'cbn':
+      cls, _ = norm_module_classes('cbn')
+      y = cls(features=self.features, kernel_size=tuple(self.kernel_size),
+              strides=strides, padding=self.padding,
+              use_running_average=not train, dtype=self.dtype,
+              param_dtype=jnp.float32, kernel_init=self.kernel_init,
+              axis_name=self.axis_name, name='cbn', **kwargs)(x)
+      return self._activate(y)
+    y = nn.Conv(self.features, tuple(self.kernel_size), strides=strides,
+                padding=self.padding, use_bias=self.norm == 'none',
+                dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=self.kernel_init, name='conv')(x)
+    if self.norm != 'none':
+      y = _norm_layer(self.norm, kwargs, features=self.features, train=train,
+                      dtype=self.dtype, axis_name=self.axis_name,
+                      name='norm', conv=True)(y)
+    return self._activate(y)
+
+
+class DenseNorm(_Block):
+  """Dense -> normalization [-> activation].
+
+  Submodule names: 'dense' and 'norm' (for 'cbn': a single 'cbn').
+  Attributes as :class:`ConvNorm`, without the convolution geometry.
+  """
+  features: int
+  norm: str = 'bn'
+  norm_kwargs: Optional[Mapping[str, Any]] = None
+  dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  activation: Activation = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    kwargs = check_norm(self.norm, self.norm_kwargs)
+    if self.norm == 'cbn':
+      _, cls = norm_module_classes('cbn')
+      y = cls(features=self.features, use_running_average=not train,
+              dtype=self.dtype, param_dtype=jnp.float32,
+              kernel_init=self.kernel_init, axis_name=self.axis_name,
+              name='cbn', **kwargs)(x)
+      return self._activate(y)
+    y = nn.Dense(self.features, use_bias=self.norm == 'none',
+                 dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=self.kernel_init, name='dense')(x)
+    if self.norm != 'none':
+      y = _norm_layer(self.norm, kwargs, features=self.features, train=train,
+                      dtype=self.dtype, axis_name=self.axis_name,
+                      name='norm', conv=False)(y)
+    return self._activate(y)
+
+
+def logits_head(x: jax.Array, num_classes: int, *, name: str = 'head',
+                kernel_init: Callable = nn.initializers.lecun_normal()
+                ) -> jax.Array:
+  """The output layer (Dense with bias), computed in float32 whatever the
+  activation dtype, so that the softmax/cross-entropy sees float32 logits.
+
+  Must be called inside a compact method (it creates an ``nn.Dense``).
+  """
+  return nn.Dense(num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+                  kernel_init=kernel_init, name=name)(x.astype(jnp.float32))
+
+
+def check_model_args(model: nn.Module) -> None:
+  """Validates the attributes every model shares (num_classes, norm,
+  norm_kwargs, dtype), at construction, before any compute."""
+  num_classes = model.num_classes
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+    raise TypeError(f'num_classes must be an int >= 1, got {num_classes!r}.')
+  if num_classes < 1:
+    raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
+  check_norm(model.norm, model.norm_kwargs)
+  try:
+    floating = jnp.issubdtype(jnp.dtype(model.dtype), jnp.floating)
+  except TypeError:
+    floating = False
+  if not floating:
+    raise TypeError(f'dtype must be a floating-point dtype (e.g. jnp.float32 '
+                    f'or jnp.bfloat16), got {model.dtype!r}.')
+  if model.axis_name is not None and not isinstance(model.axis_name,
+                                                    (str, tuple)):
+    raise TypeError(f'axis_name must be a mapped axis name (str or tuple of '
+                    f'str) or None, got {model.axis_name!r}.')
+
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'sigmoid': nn.sigmoid,
+    'relu': nn.relu,
+    'tanh': jnp.tanh,
+    'gelu': nn.gelu,
+    'identity': lambda x: x,
+}
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The nonlinearity called ``name``; ValueError listing the valid names."""
+  if not isinstance(name, str) or name not in ACTIVATIONS:
+    raise ValueError(f'activation={name!r} is not known; valid choices are '
+                     f'{sorted(ACTIVATIONS)}.')
+  return ACTIVATIONS[name]

@@ -1,0 +1,90 @@
+"""Experiment 4: CBN vs BN/GN/BRN/naive CBN at small batch sizes per step.
+
+Run by ``experiments/cbn_small_batch.py``; ``get_config('cpu')`` (default) is
+the reduced scale that fits ~12 minutes on 2 shared CPU cores,
+``get_config('paper')`` the paper-like setting for a GPU (Yao et al., 2021:
+ResNet-18, batch sizes 32..1 per iteration, window k = 8).
+
+CPU scale (see REPRODUCTION.md, section 4): a ResNet of the ResNet-20 family
+with ONE basic block per stage ("ResNet-8": stem, 3 stages x 1 block, head;
+option-A shortcuts) at width 8 (channels 8/16/32), on CIFAR-10 downsampled
+2x2 (average pooling) to 16x16, no augmentation; every run sees the same
+number of training SAMPLES (``train_samples``), so small batches take more
+(and noisier) steps; learning rate scaled linearly with the batch size;
+evaluation on the full 10k test set with the running statistics.
+
+Override anything with ``--config.<key>=<value>``, e.g.
+``--config.batch_sizes='(8,2)' --config.methods='("bn","cbn")'``.
+"""
+import ml_collections
+
+
+def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
+  if scale not in ("cpu", "paper"):
+    raise ValueError(f"scale must be 'cpu' or 'paper', got {scale!r}.")
+  c = ml_collections.ConfigDict()
+  c.scale = scale
+  c.seed = 0
+
+  # Data.
+  c.dataset = "cifar10"
+  c.data_dir = ""               # '' = bn_jax.data's default (../shared/data)
+  c.downsample = 2              # average-pool factor of the images (1 = none)
+  c.train_subset = 0            # > 0: first N training examples only
+  c.augment = False             # random crop (pad 4) + flip
+  c.eval_batch_size = 1000
+
+  # Model: bn_jax.models.CifarResNet(stage_sizes, width, shortcut).
+  c.stage_sizes = (1, 1, 1)
+  c.width = 8
+  c.shortcut = "A"
+
+  # The grid: every method at every batch size (per step).
+  c.methods = ("bn", "gn", "brn", "naive_cbn", "cbn")
+  c.batch_sizes = (32, 16, 8, 4, 2)
+  # naive CBN and CBN only at batch sizes <= this (their step costs ~3x BN's
+  # at batch 2 and ~18x at batch 32 on XLA:CPU: the per-layer Jacobians).
+  c.cbn_max_batch_size = 8
+  c.train_samples = 8192        # per run, whatever the batch size
+  c.base_learning_rate = 0.1    # at base_batch_size; linear scaling
+  c.base_batch_size = 32
+  c.momentum = 0.9              # SGD heavy ball
+  c.weight_decay = 0.0
+  c.warmup_fraction = 0.05      # linear warm-up, then cosine decay to 0
+  c.bn_momentum = 0.99          # running statistics (weight of the old value)
+  c.gn_num_groups = 4           # channels 8/16/32 -> 2/4/8 channels per group
+  # Batch renorm: clip-limit schedule as fractions of the run's steps (the
+  # paper's 5k warm-up, r_max -> 3 at 40k, d_max -> 5 at 25k, rescaled).
+  c.brn_warmup_fraction = 0.05
+  c.brn_r_max_fraction = 0.4
+  c.brn_d_max_fraction = 0.25
+  # CBN: window k (current batch + k-1 compensated past ones) and burn-in
+  # (plain BN) as a fraction of the run's steps.
+  c.cbn_window = 8
+  c.cbn_burn_in_fraction = 0.25
+
+  # Ablation of CBN at one batch size: other windows, other burn-ins.
+  c.ablation_batch_size = 4
+  c.ablation_windows = (2, 4)
+  c.ablation_burn_in_fractions = (0.0,)
+
+  c.log_every = 200             # steps between host syncs (NaN check, log)
+  c.compilation_cache = True    # persistent XLA cache under the workdir
+
+  if scale == "paper":
+    # Yao et al. (2021): ResNet-18, per-iteration batch 32..1, k = 8. Here on
+    # full-resolution CIFAR-10 with the CIFAR ResNet-18, ~30 epochs per run.
+    c.downsample = 1
+    c.augment = True
+    c.stage_sizes = (2, 2, 2, 2)
+    c.width = 64
+    c.shortcut = "B"
+    c.batch_sizes = (32, 16, 8, 4, 2, 1)
+    c.cbn_max_batch_size = 32
+    c.train_samples = 1_500_000
+    c.weight_decay = 1e-4
+    c.gn_num_groups = 32
+    c.ablation_windows = (2, 4, 16)
+    c.ablation_burn_in_fractions = (0.0, 0.5)
+    c.log_every = 1000
+  return c

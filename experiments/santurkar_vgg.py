@@ -1,0 +1,385 @@
+r"""Experiment 3a: Santurkar et al. (2018) on a CIFAR-10 VGG.
+
+  python experiments/santurkar_vgg.py [--workdir DIR] [--scale cpu|paper] \
+      [--config.key=value ...]
+
+Standard VGG vs VGG+BN vs VGG+noisy BN (``configs/exp_santurkar_vgg.py``),
+trained side by side; at ``num_points`` evenly spaced steps (step 0
+included) each run is measured with the library's instruments on a fresh
+training batch:
+
+* test accuracy (running statistics) -- Santurkar Fig. 1/2 (left);
+* distribution stability of the pre-activations (the inputs to the ReLUs,
+  training mode, a fixed probe batch; noisy BN with fresh noise each time):
+  ``bn_jax.analysis.ActivationTracker`` -- percentiles of one unit of an early
+  and of the last conv layer, and every layer's per-unit mean/std drift from
+  the first measurement (Fig. 2);
+* ICS (Def. 2.1): ``bn_jax.analysis.internal_covariate_shift`` with the
+  run's real optimizer step (``optax_update_fn``) -- per layer
+  ``||G - G'||`` and ``cos(G, G')`` (Fig. 5);
+* landscape (Fig. 4): ``bn_jax.analysis.landscape_probe`` along the
+  gradient -- loss range, gradient predictiveness, effective beta-smoothness
+  (for ``config.landscape_norms``).
+
+Writes ``results.json`` and ``accuracy.png``, ``stability.png``, ``ics.png``,
+``landscape.png`` into ``--workdir``. ``santurkar_lp.py`` reuses
+:func:`train_and_measure` for the l_p runs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+  sys.path.insert(0, _HERE)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import bn_santurkar_lib as lib  # noqa: E402
+from bn_jax import analysis  # noqa: E402
+
+LABELS = {"none": "Standard", "bn": "Standard + BN", "noisy_bn": "BN + noise",
+          "lp": "l_p"}
+
+
+def measurement_steps(num_train_steps: int, num_points: int) -> list[int]:
+  """``num_points`` evenly spaced steps from 0 to ``num_train_steps``."""
+  return sorted({int(round(s)) for s in np.linspace(0, num_train_steps,
+                                                    num_points)})
+
+
+def make_instruments(model, tx, step_sizes, *, ics: bool, landscape: bool,
+                     method: str = "map"):
+  """Jitted measurement functions of one model (see module docstring).
+
+  ``method``: the instruments' ``'map'`` (sequential ``lax.map``) or
+  ``'vmap'``; conv nets use ``'vmap'`` because XLA:CPU runs convolutions in a
+  loop body very slowly (see ``bn_santurkar_lib.Run``).
+  """
+  loss_fn = analysis.make_loss_fn(model, train=True)
+
+  def measure(params, batch_stats, opt_state, batch):
+    out = {}
+    if ics:
+      out.update(analysis.internal_covariate_shift(
+          loss_fn, params, batch_stats, batch,
+          update_fn=analysis.optax_update_fn(tx, opt_state), method=method))
+    if landscape:
+      out.update(analysis.landscape_probe(loss_fn, params, batch_stats, batch,
+                                          step_sizes=step_sizes,
+                                          method=method))
+    return out
+
+  def capture(variables, x, rng):
+    return analysis.capture_preactivations(model, variables, x, train=True,
+                                           rngs={"noise": rng})
+
+  return jax.jit(measure), jax.jit(capture)
+
+
+def excess_kurtosis(intermediates) -> dict[str, float]:
+  """Per layer: the mean over units of the pre-activations' excess kurtosis
+  (0 for a Gaussian), float64 NumPy."""
+  out = {}
+  for name, values in analysis.preactivations(intermediates).items():
+    v = np.asarray(values, np.float64)
+    v = v.reshape(-1, v.shape[-1])
+    centered = v - v.mean(axis=0)
+    var = (centered ** 2).mean(axis=0)
+    kurt = (centered ** 4).mean(axis=0) / np.maximum(var, 1e-30) ** 2 - 3.0
+    out[name] = float(np.mean(kurt[var > 0])) if np.any(var > 0) else 0.0
+  return out
+
+
+def train_and_measure(config, *, label: str, norm: str, norm_kwargs,
+                      model_name: str, model_kwargs: dict, data, train_ds,
+                      test_ds, device_data, probe, measure_batches,
+                      ics: bool, landscape: bool) -> dict:
+  """Trains one run, measuring at ``measurement_steps``; returns records."""
+  model = lib.build_model(model_name, num_classes=train_ds.num_classes,
+                          norm=norm, norm_kwargs=norm_kwargs, **model_kwargs)
+  train = lib.TrainSettings(
+      learning_rate=config.learning_rate, momentum=config.momentum,
+      weight_decay=config.weight_decay, schedule=config.schedule,
+      decay_boundaries=tuple(config.decay_boundaries))
+  run = lib.Run(model, train, data, train_ds, test_ds,
+                num_train_steps=config.num_train_steps, seed=config.seed,
+                device_data=device_data, scan=config.scan)
+  step_sizes = analysis.geometric_step_sizes(
+      config.learning_rate * config.step_size_range[0],
+      config.learning_rate * config.step_size_range[1],
+      num=config.num_step_sizes)
+  measure, capture = make_instruments(model, run.tx, step_sizes, ics=ics,
+                                      landscape=landscape,
+                                      method=config.analysis_method)
+  trackers = {f"layer{layer}": analysis.ActivationTracker(unit=0, layer=layer)
+              for layer in config.tracked_layers}
+  points = measurement_steps(config.num_train_steps, config.num_points)
+  records, train_curve = [], []
+  status = "ok"
+  t0 = time.perf_counter()
+  measure_seconds = 0.0
+  for k, point in enumerate(points):
+    if point > run.step:
+      while run.step < point:
+        out = run.train(min(config.chunk_steps, point - run.step))
+        train_curve.append((run.step, out["train_loss"],
+                            out["train_accuracy"]))
+        if not out["finite"]:
+          status = f"diverged (non-finite loss) before step {run.step}"
+          break
+      if status != "ok":
+        break
+    t1 = time.perf_counter()
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 99), point)
+    batch = dict(measure_batches[k], rng=rng)
+    rec = {"step": run.step}
+    if ics or landscape:
+      rec.update(analysis.to_python(jax.device_get(measure(
+          run.state.params, run.state.batch_stats, run.state.opt_state,
+          batch))))
+    inter = capture(run.variables, probe["image"], rng)
+    for name, tracker in trackers.items():
+      for key, value in tracker.record(run.step, inter).items():
+        rec[f"{name}/{key}"] = value
+    rec["kurtosis"] = excess_kurtosis(inter)
+    rec.update(run.evaluate())
+    measure_seconds += time.perf_counter() - t1
+    records.append(rec)
+    lib.log(f"[{label}] step {run.step}: test acc {rec['test_accuracy']:.4f}"
+            + (f", loss range {rec['landscape/loss_range']:.3g}, beta "
+               f"{rec['landscape/beta_smoothness']:.3g}" if landscape else "")
+            + (f", ics loss {rec['ics/loss']:.3g}" if ics else ""))
+  wall = time.perf_counter() - t0
+  return {"label": label, "norm": norm, "norm_kwargs": norm_kwargs,
+          "status": status, "records": records, "train_curve": train_curve,
+          "step_sizes": step_sizes,
+          "trackers": {n: t.history() for n, t in trackers.items()},
+          "final_test_accuracy": records[-1]["test_accuracy"],
+          "max_test_accuracy": max(r["test_accuracy"] for r in records),
+          "wall_seconds": wall, "measure_seconds": measure_seconds,
+          "seconds_per_step": run.seconds_per_step()}
+
+
+def setup_data(config, *, dataset: str):
+  """Data, its device copy, the probe batch and the measurement batches."""
+  data = lib.DataSettings(dataset=dataset, batch_size=config.batch_size,
+                          seed=config.seed, data_dir=config.data_dir,
+                          eval_batch_size=config.eval_batch_size,
+                          synthetic=config.get("synthetic"))
+  train_ds, test_ds = lib.load_data(data)
+  train_ds = lib.subset(train_ds, config.train_subset, seed=config.seed)
+  test_ds = lib.subset(test_ds, config.test_subset, seed=config.seed)
+  device_data = lib.normalized_arrays(train_ds)
+  probe = lib.fixed_batch(train_ds, data, config.probe_size, seed=1234)
+  points = measurement_steps(config.num_train_steps, config.num_points)
+  measure_batches = [lib.fixed_batch(train_ds, data, config.batch_size,
+                                     seed=2000 + k) for k in range(len(points))]
+  return data, train_ds, test_ds, device_data, probe, measure_batches
+
+
+# ---------------------------------------------------------------------------
+# Summaries and plots shared by the Santurkar scripts.
+
+def ics_summary(records: list[dict]) -> dict:
+  """Per measurement step: mean over layers (the first excluded: G' = G by
+  definition) of ||G - G'||, ||G - G'|| / ||G|| and cos(G, G')."""
+  out = []
+  for rec in records:
+    layers = sorted({k.split("/")[1] for k in rec if k.startswith("ics/")
+                     and k.endswith("/position")},
+                    key=lambda n: rec[f"ics/{n}/position"])[1:]
+    if not layers:
+      continue
+    l2 = [rec[f"ics/{n}/l2_diff"] for n in layers]
+    rel = [rec[f"ics/{n}/l2_diff"] / max(rec[f"ics/{n}/grad_norm"], 1e-30)
+           for n in layers]
+    cos = [rec[f"ics/{n}/cosine"] for n in layers]
+    out.append({"step": rec["step"], "mean_l2_diff": float(np.mean(l2)),
+                "mean_relative_l2_diff": float(np.mean(rel)),
+                "mean_cosine": float(np.mean(cos)),
+                "min_cosine": float(np.min(cos))})
+  return out
+
+
+def landscape_summary(records: list[dict]) -> dict:
+  keys = ("loss_range", "grad_diff_max", "grad_diff_range", "beta_smoothness",
+          "grad_norm")
+  rows = [r for r in records if "landscape/loss_range" in r]
+  if not rows:
+    return {}
+  out = {k: [float(r[f"landscape/{k}"]) for r in rows] for k in keys}
+  out["steps"] = [r["step"] for r in rows]
+  # Averages over the points after step 0 (training, not initialization).
+  later = [i for i, r in enumerate(rows) if r["step"] > 0] or [0]
+  out["mean_after_init"] = {k: float(np.mean([out[k][i] for i in later]))
+                            for k in keys}
+  return out
+
+
+def stability_summary(run: dict) -> dict:
+  """Per tracked layer: the final per-unit mean drift and std drift, each
+  divided by the layer's average per-unit std at the first measurement."""
+  out = {}
+  for name, hist in run["trackers"].items():
+    for key in hist:
+      if key.endswith("/mean_drift"):
+        layer = key[:-len("/mean_drift")]
+        std0 = max(float(np.asarray(hist[f"{layer}/std"])[0]), 1e-12)
+        out[layer] = {
+            "mean_drift_over_std0": float(np.asarray(hist[key])[-1]) / std0,
+            "std_drift_over_std0": float(np.asarray(
+                hist[f"{layer}/std_drift"])[-1]) / std0}
+    break  # every tracker holds the drift of all layers: one is enough
+  return out
+
+
+def plot_accuracy(runs: dict, path: str, title: str) -> str:
+  fig, axes = lib.figure(2)
+  for label, run in runs.items():
+    curve = np.asarray(run["train_curve"]) if run["train_curve"] else None
+    if curve is not None:
+      axes[0, 0].plot(curve[:, 0], curve[:, 2], label=label)
+    steps = [r["step"] for r in run["records"]]
+    axes[0, 1].plot(steps, [r["test_accuracy"] for r in run["records"]], "o-",
+                    label=label)
+  axes[0, 0].set_title("training accuracy (per chunk)")
+  axes[0, 1].set_title("test accuracy")
+  for ax in axes[0]:
+    ax.set_xlabel("training step")
+    ax.grid(alpha=0.3)
+  axes[0, 1].legend(fontsize=8)
+  fig.suptitle(title)
+  return lib.save(fig, path)
+
+
+def plot_stability(runs: dict, path: str, title: str) -> str:
+  """Percentiles of unit 0 of each tracked layer (rows) per run (columns)."""
+  tracker_names = list(next(iter(runs.values()))["trackers"])
+  fig, axes = lib.figure(len(runs), len(tracker_names), width=3.4,
+                         height=2.6)
+  for c, (label, run) in enumerate(runs.items()):
+    for r, name in enumerate(tracker_names):
+      hist = run["trackers"][name]
+      ax = axes[r, c]
+      for k, q in enumerate(hist["percentiles"]):
+        ax.plot(hist["steps"], np.asarray(hist["percentile_values"])[:, k],
+                label=f"{q:g}th")
+      ax.set_title(f"{label}: {name}, unit 0", fontsize=8)
+      ax.tick_params(labelsize=7)
+  axes[0, 0].legend(fontsize=6)
+  fig.suptitle(title)
+  return lib.save(fig, path)
+
+
+def plot_ics_curves(runs: dict, path: str, title: str) -> str:
+  """Left: per-layer l2 / cosine at the last point (library plot_ics style);
+  right: the layer-mean over training."""
+  fig, axes = lib.figure(3, width=4.0)
+  width = 0.8 / max(len(runs), 1)
+  for i, (label, run) in enumerate(runs.items()):
+    rec = run["records"][-1]
+    layers = sorted({k.split("/")[1] for k in rec if k.startswith("ics/")
+                     and k.endswith("/position")},
+                    key=lambda n: rec[f"ics/{n}/position"])
+    if not layers:
+      continue
+    x = np.arange(len(layers)) + (i - (len(runs) - 1) / 2) * width
+    axes[0, 0].bar(x, [rec[f"ics/{n}/l2_diff"] for n in layers], width,
+                   label=label)
+    axes[0, 1].bar(x, [rec[f"ics/{n}/cosine"] for n in layers], width,
+                   label=label)
+    summary = ics_summary(run["records"])
+    axes[0, 2].plot([s["step"] for s in summary],
+                    [s["mean_cosine"] for s in summary], "o-", label=label)
+  axes[0, 0].set_title("||G - G'||_2 per layer (last point)", fontsize=9)
+  axes[0, 1].set_title("cos(G, G') per layer (last point)", fontsize=9)
+  axes[0, 2].set_title("mean cos(G, G') over layers 2..k", fontsize=9)
+  axes[0, 0].set_xlabel("layer")
+  axes[0, 1].set_xlabel("layer")
+  axes[0, 2].set_xlabel("training step")
+  axes[0, 0].set_yscale("log")
+  axes[0, 1].legend(fontsize=8)
+  fig.suptitle(title)
+  return lib.save(fig, path)
+
+
+def plot_landscape(runs: dict, path: str, title: str) -> str:
+  from bn_jax.analysis import plotting
+  stacked = {}
+  for label, run in runs.items():
+    rows = [r for r in run["records"] if "landscape/loss_range" in r]
+    if not rows:
+      continue
+    stacked[label] = {k: np.asarray([r[k] for r in rows]) for k in (
+        "landscape/loss_min", "landscape/loss_max", "landscape/grad_diff_min",
+        "landscape/grad_diff_max", "landscape/beta_smoothness")}
+    stacked[label]["steps"] = np.asarray([r["step"] for r in rows])
+  if not stacked:
+    return ""
+  fig = plotting.plot_landscape(stacked, title=title)
+  return plotting.save_figure(fig, path, dpi=90)
+
+
+# ---------------------------------------------------------------------------
+
+def run_experiment(config, workdir: str) -> dict:
+  t0 = time.perf_counter()
+  (data, train_ds, test_ds, device_data, probe,
+   measure_batches) = setup_data(config, dataset=config.dataset)
+  runs = {}
+  for norm in config.norms:
+    label = LABELS.get(norm, norm)
+    kwargs = dict(config.noise) if norm == "noisy_bn" else None
+    runs[label] = train_and_measure(
+        config, label=label, norm=norm, norm_kwargs=kwargs,
+        model_name="vgg", model_kwargs=dict(config.model_kwargs), data=data,
+        train_ds=train_ds, test_ds=test_ds, device_data=device_data,
+        probe=probe, measure_batches=measure_batches, ics=True,
+        landscape=norm in config.landscape_norms)
+  summary = {label: {
+      "final_test_accuracy": r["final_test_accuracy"],
+      "max_test_accuracy": r["max_test_accuracy"], "status": r["status"],
+      "ics": ics_summary(r["records"]),
+      "landscape": landscape_summary(r["records"]),
+      "stability": stability_summary(r),
+      "wall_seconds": r["wall_seconds"],
+      "seconds_per_step": r["seconds_per_step"]} for label, r in runs.items()}
+  out = {"experiment": "santurkar_vgg", "config": lib.to_dict(config),
+         "summary": summary, "runs": runs,
+         "total_wall_seconds": time.perf_counter() - t0}
+  lib.write_json(os.path.join(workdir, "results.json"), out)
+  scale = (f"{config.model_kwargs.variant} x{config.model_kwargs.width_multiplier}"
+           f", {len(train_ds.labels)} CIFAR-10 train images, "
+           f"{config.num_train_steps} steps")
+  plot_accuracy(runs, os.path.join(workdir, "accuracy.png"), scale)
+  plot_stability(runs, os.path.join(workdir, "stability.png"),
+                 "pre-activation percentiles (training mode, probe batch)")
+  plot_ics_curves(runs, os.path.join(workdir, "ics.png"), "ICS (Def. 2.1)")
+  plot_landscape({k: v for k, v in runs.items()},
+                 os.path.join(workdir, "landscape.png"),
+                 f"landscape along the gradient, eta in lr x "
+                 f"{tuple(config.step_size_range)}")
+  for label, s in summary.items():
+    lib.log(f"{label}: acc {s['final_test_accuracy']:.4f} (max "
+            f"{s['max_test_accuracy']:.4f}); ics {s['ics'][-1] if s['ics'] else None}; "
+            f"landscape {s['landscape'].get('mean_after_init')}; "
+            f"stability {s['stability']}")
+  lib.log(f"wrote {workdir} in {out['total_wall_seconds']:.0f}s")
+  return out
+
+
+def main(argv):
+  del argv
+  run_experiment(FLAGS.config, FLAGS.workdir)
+
+
+FLAGS = None
+if __name__ == "__main__":
+  from absl import app
+  FLAGS = lib.define_flags("santurkar_vgg",
+                           lib.config_path("exp_santurkar_vgg.py"))
+  app.run(main)

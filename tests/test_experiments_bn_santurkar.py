@@ -1,0 +1,220 @@
+"""Tests of the BN-paper and Santurkar et al. experiment scripts.
+
+The scripts' fast paths are checked against the library's plain pipeline
+(the device-resident index order against ``bn_jax.data.epoch_batches``; the
+scanned and per-step training loops against a loop of the library's
+``train_step`` over ``input_pipeline.train_iterator`` batches), the small
+statistics against closed forms, and every script runs end to end at a tiny
+setting (scikit-learn digits / synthetic data: no download).
+"""
+import json
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+
+import bn_santurkar_lib as lib  # noqa: E402
+
+from bn_jax.training import input_pipeline, train_step  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits():
+  data = lib.DataSettings(dataset="digits", batch_size=32, seed=3,
+                          eval_batch_size=256)
+  train_ds, test_ds = lib.load_data(data)
+  return data, train_ds, test_ds
+
+
+def test_index_order_matches_library_pipeline(digits):
+  data, train_ds, _ = digits
+  images, labels = lib.normalized_arrays(train_ds)
+  per_epoch = len(train_ds.labels) // data.batch_size
+  reference = input_pipeline.train_iterator(train_ds, data)
+  ours = lib.epoch_index_batches(len(train_ds.labels), data.batch_size,
+                                 seed=data.seed)
+  # Two epochs and a bit: crosses an epoch boundary.
+  for _ in range(2 * per_epoch + 3):
+    ref, index = next(reference), next(ours)
+    np.testing.assert_array_equal(np.asarray(images[index]), ref["image"])
+    np.testing.assert_array_equal(np.asarray(labels[index]), ref["label"])
+  resumed = lib.epoch_index_batches(len(train_ds.labels), data.batch_size,
+                                    seed=data.seed, start_step=per_epoch + 2)
+  fresh = lib.epoch_index_batches(len(train_ds.labels), data.batch_size,
+                                  seed=data.seed)
+  for _ in range(per_epoch + 2):
+    next(fresh)
+  np.testing.assert_array_equal(next(resumed), next(fresh))
+
+
+def test_training_paths_match_a_plain_library_loop(digits):
+  data, train_ds, test_ds = digits
+  model = lib.build_model("mlp", num_classes=10, norm="bn", hidden=(16, 16))
+  settings = lib.TrainSettings(learning_rate=0.3, momentum=0.9)
+  steps = 7
+  runs = [lib.Run(model, settings, data, train_ds, test_ds,
+                  num_train_steps=steps, scan=scan) for scan in (True, False)]
+  outs = [[r.train(4), r.train(3)] for r in runs]
+  # Reference: the library's train_step, one jitted step per batch of the
+  # library's own iterator.
+  ref = runs[0].__class__(model, settings, data, train_ds, test_ds,
+                          num_train_steps=steps)
+  state = ref.state
+  step = jax.jit(lambda s, b: train_step(s, b,
+                                         learning_rate_fn=ref.learning_rate_fn))
+  batches = input_pipeline.train_iterator(train_ds, data)
+  losses = []
+  for _ in range(steps):
+    b = next(batches)
+    state, m = step(state, {"image": b["image"], "label": b["label"]})
+    losses.append(float(m["loss"]))
+  for out in outs:
+    np.testing.assert_allclose(
+        [out[0]["train_loss"], out[1]["train_loss"]],
+        [np.mean(losses[:4]), np.mean(losses[4:])], rtol=2e-5)
+  for run in runs:
+    for a, b in zip(jax.tree.leaves(run.state.params),
+                    jax.tree.leaves(state.params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                 atol=1e-6)
+  # Evaluation: exact count over the test set.
+  ev = runs[0].evaluate()
+  logits = model.apply(runs[0].variables,
+                       lib.normalized_arrays(test_ds)[0], train=False)
+  expected = float(np.mean(np.argmax(np.asarray(logits), -1)
+                           == test_ds.labels))
+  assert ev["test_accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_small_helpers():
+  assert lib.steps_to_reach([0, 10, 20], [0.1, 0.5, 0.9], 0.5) == 10
+  assert lib.steps_to_reach([0, 10], [0.1, 0.2], 0.5) is None
+  assert lib.scale_from_argv(["x", "--scale", "paper"]) == "paper"
+  assert lib.scale_from_argv(["x", "--scale=cpu"]) == "cpu"
+  assert lib.scale_from_argv(["x"]) == "cpu"
+  with pytest.raises(SystemExit, match="--scale"):
+    lib.scale_from_argv(["x", "--scale=gpu"])
+  import bn_learning_rates as blr
+  assert blr.parse_run("bn/relu/x30") == ("bn", "relu", 30.0)
+  for bad in ("bn/relu", "bn/relu/5", "bn/relu/x0", "bn/relu/xa"):
+    with pytest.raises(ValueError, match="config.runs"):
+      blr.parse_run(bad)
+
+
+def test_excess_kurtosis_and_ics_summary():
+  import santurkar_vgg as sv
+  two_point = np.array([[-1.0, 3.0], [1.0, 5.0]] * 8)  # kurtosis 1 -> -2
+  uniform = np.linspace(-1, 1, 20001)[:, None]           # -> -1.2
+  out = sv.excess_kurtosis({"intermediates": {
+      "a": {"preact": (jnp.asarray(two_point),)},
+      "b": {"preact": (jnp.asarray(uniform),)}}})
+  assert out["a/preact"] == pytest.approx(-2.0, abs=1e-9)
+  assert out["b/preact"] == pytest.approx(-1.2, abs=1e-3)
+  record = {"step": 5}
+  for i, (name, l2, cos, g) in enumerate([("l0", 0.0, 1.0, 2.0),
+                                          ("l1", 1.0, 0.5, 4.0),
+                                          ("l2", 3.0, 0.1, 6.0)]):
+    record.update({f"ics/{name}/l2_diff": l2, f"ics/{name}/cosine": cos,
+                   f"ics/{name}/grad_norm": g, f"ics/{name}/position": i})
+  (s,) = sv.ics_summary([record])  # layer 0 (G' = G) is excluded
+  assert s["mean_l2_diff"] == pytest.approx(2.0)
+  assert s["mean_cosine"] == pytest.approx(0.3)
+  assert s["min_cosine"] == pytest.approx(0.1)
+  assert s["mean_relative_l2_diff"] == pytest.approx((0.25 + 0.5) / 2)
+  assert sv.measurement_steps(10, 3) == [0, 5, 10]
+
+
+def _config(module_name, **overrides):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      module_name, os.path.join(REPO, "configs", f"{module_name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("cpu")
+  paper = module.get_config("paper")
+  assert set(paper.keys()) == set(config.keys())
+  with pytest.raises(ValueError, match="scale"):
+    module.get_config("gpu")
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def test_bn_mnist_smoke(tmp_path):
+  import bn_mnist
+  config = _config("exp_bn_mnist", dataset="digits", hidden=(16, 16),
+                   num_train_steps=20, chunk_steps=10, eval_every=10,
+                   probe_size=64)
+  out = bn_mnist.run_experiment(config, str(tmp_path))
+  for norm in ("none", "bn"):
+    res = out["results"][norm]
+    assert res["steps"] == [0, 10, 20]
+    assert 0.0 <= res["final_test_accuracy"] <= 1.0
+    values = np.asarray(res["percentiles"]["train"]["values"])
+    assert values.shape == (3, 3) and np.all(np.diff(values, axis=1) >= 0)
+  for name in ("results.json", "fig1a_test_accuracy.png",
+               "fig1bc_percentiles.png", "drift.png"):
+    assert (tmp_path / name).stat().st_size > 0
+  json.loads((tmp_path / "results.json").read_text())
+
+
+def test_bn_learning_rates_smoke(tmp_path):
+  import bn_learning_rates
+  config = _config("exp_bn_lr", dataset="digits", hidden=(16,),
+                   num_train_steps=20, chunk_steps=10, eval_every=10,
+                   runs=("bn/relu/x1", "none/relu/x1", "none/relu/x1e30"))
+  out = bn_learning_rates.run_experiment(config, str(tmp_path))
+  results = out["results"]
+  assert list(results)[0] == "none/relu/x1"  # the baseline trains first
+  assert out["target_accuracy"] == results["none/relu/x1"]["max_test_accuracy"]
+  assert results["none/relu/x1"]["steps_to_target"] is not None
+  assert results["none/relu/x1e30"]["status"].startswith("diverged")
+  assert "| none/relu/x1e30 |" in (tmp_path / "results.md").read_text()
+
+
+def test_santurkar_dln_smoke(tmp_path):
+  import santurkar_dln
+  config = _config("exp_santurkar_dln", num_train_steps=6, chunk_steps=3,
+                   num_points=2, probe_size=32, batch_size=16,
+                   eval_batch_size=64, tracked_layers=(0, -1),
+                   **{"model_kwargs.depth": 3, "model_kwargs.width": 8,
+                      "synthetic.num_train": 128, "synthetic.num_test": 64,
+                      "synthetic.dim": 8})
+  out = santurkar_dln.run_experiment(config, str(tmp_path))
+  for label in ("DLN", "DLN + BN"):
+    s = out["summary"][label]
+    assert [x["step"] for x in s["ics"]] == [0, 6]
+    assert all(-1.0 <= x["mean_cosine"] <= 1.0 + 1e-6 for x in s["ics"])
+    assert s["landscape"]["steps"] == [0, 6]
+  assert (tmp_path / "ics.png").stat().st_size > 0
+
+
+def test_santurkar_vgg_and_lp_smoke(tmp_path):
+  import santurkar_lp
+  import santurkar_vgg
+  common = dict(dataset="digits", num_train_steps=2, chunk_steps=2,
+                num_points=2, probe_size=16, batch_size=8, eval_batch_size=64,
+                train_subset=64, test_subset=64,
+                **{"model_kwargs.width_multiplier": 0.0625})
+  config = _config("exp_santurkar_vgg", norms=("bn", "noisy_bn"),
+                   landscape_norms=("bn",), **common)
+  out = santurkar_vgg.run_experiment(config, str(tmp_path / "vgg"))
+  assert out["summary"]["Standard + BN"]["landscape"]["steps"] == [0, 2]
+  assert out["summary"]["BN + noise"]["landscape"] == {}
+  assert len(out["summary"]["BN + noise"]["ics"]) == 2
+  config = _config("exp_santurkar_lp", ps=(math.inf,), include_bn=False,
+                   **common)
+  out = santurkar_lp.run_experiment(config, str(tmp_path / "lp"))
+  assert math.isfinite(out["summary"]["l_inf"]["final_mean_excess_kurtosis"])

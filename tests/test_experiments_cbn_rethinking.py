@@ -1,0 +1,142 @@
+"""Smoke tests of experiments 4 (CBN, small batch) and 5 (Rethinking Batch).
+
+A few steps on scikit-learn's 8x8 digits (no download), so CI keeps the
+scripts runnable; plus the pieces whose arithmetic can be checked exactly
+(downsampling, the run grid, the statistics divergence).
+"""
+import importlib.util
+import json
+import pathlib
+
+import ml_collections
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(
+      f"exp_{name}", REPO / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _config(name, **overrides):
+  spec = importlib.util.spec_from_file_location(
+      f"cfg_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("cpu")
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def cbn_exp():
+  return _load("cbn_small_batch")
+
+
+@pytest.fixture(scope="module")
+def rethinking_exp():
+  return _load("rethinking_batch")
+
+
+def test_downsample_is_block_mean(cbn_exp):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, 4, 6, 2), dtype=np.uint8)
+  got = cbn_exp.downsample_images(images, 2)
+  want = np.zeros((3, 2, 3, 2))
+  for i in range(2):
+    for j in range(3):
+      want[:, i, j] = images[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].astype(
+          np.float64).mean(axis=(1, 2))
+  np.testing.assert_array_equal(got, np.rint(want).astype(np.uint8))
+  with pytest.raises(ValueError, match="downsample"):
+    cbn_exp.downsample_images(images, 4)
+
+
+def test_cbn_grid_and_norm_arguments(cbn_exp):
+  config = _config("exp_cbn_small_batch", batch_sizes=(16, 4),
+                   cbn_max_batch_size=8, ablation_windows=(2,),
+                   ablation_burn_in_fractions=(0.0,))
+  names = [s.name for s in cbn_exp.run_specs(config)]
+  assert names == ["bn_b16", "gn_b16", "brn_b16", "bn_b4", "gn_b4", "brn_b4",
+                   "naive_cbn_b4", "cbn_b4", "cbn_k2_b4", "cbn_burnin0_b4"]
+  specs = {s.name: s for s in cbn_exp.run_specs(config)}
+  steps = cbn_exp.num_steps_of(config, 4)
+  assert steps == config.train_samples // 4
+  norm, kw = cbn_exp.norm_of(config, specs["naive_cbn_b4"], steps)
+  assert (norm, kw["rho"], kw["window"]) == ("cbn", 0.0, config.cbn_window)
+  assert kw["burn_in"] == round(config.cbn_burn_in_fraction * steps)
+  norm, kw = cbn_exp.norm_of(config, specs["cbn_burnin0_b4"], steps)
+  assert (kw["rho"], kw["burn_in"]) == (1.0, 0)
+  t = cbn_exp.training_config(config, 4, steps)
+  assert t.learning_rate == pytest.approx(
+      config.base_learning_rate * 4 / config.base_batch_size)
+  with pytest.raises(ValueError, match="methods"):
+    cbn_exp.run_specs(_config("exp_cbn_small_batch", methods=("bn", "xn")))
+
+
+def test_cbn_sweep_smoke(cbn_exp, tmp_path):
+  config = _config(
+      "exp_cbn_small_batch", dataset="digits", downsample=1, width=2,
+      methods=("bn", "cbn"), batch_sizes=(2,), cbn_window=2,
+      train_samples=8, eval_batch_size=360, ablation_windows=(),
+      ablation_burn_in_fractions=(), ablation_batch_size=2, log_every=2,
+      compilation_cache=False)
+  results = cbn_exp.run_sweep(config, str(tmp_path), log=lambda *a: None)
+  acc = results["test_accuracy"]
+  assert set(acc) == {"bn", "cbn"}
+  for value in (acc["bn"]["2"], acc["cbn"]["2"]):
+    assert 0.0 <= value <= 1.0
+  run = results["runs"]["cbn_b2"]
+  assert run["num_steps"] == 4 and run["test_examples"] == 360
+  assert run["norm_kwargs"]["burn_in"] == 1  # 0.25 * 4 steps
+  for png in ("accuracy_vs_batch.png", "ablation.png", "train_curves.png"):
+    assert (tmp_path / png).stat().st_size > 0
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["test_accuracy"] == acc
+
+
+def test_stats_divergence_formula(rethinking_exp):
+  ema = {"a": {"norm": {"mean": np.array([1.0, 0.0]),
+                        "var": np.array([4.0, 1.0])}}}
+  pop = {"a": {"norm": {"mean": np.array([0.0, 0.0]),
+                        "var": np.array([1.0, 1.0])}}}
+  got = rethinking_exp.stats_divergence(ema, pop)
+  eps = 1e-5
+  assert got["mean_abs_z"] == pytest.approx(0.5 / np.sqrt(1 + eps))
+  assert got["var_abs_log_ratio"] == pytest.approx(
+      0.5 * np.log((4 + eps) / (1 + eps)))
+
+
+def test_rethinking_smoke(rethinking_exp, tmp_path):
+  config = _config(
+      "exp_rethinking_batch", dataset="digits",
+      model_kwargs=ml_collections.ConfigDict(
+          {"hidden": (8,), "activation": "relu"}), batch_size=16,
+      num_train_steps=4, eval_batch_size=16, train_eval_examples=32,
+      precise_bn_batches=2, ema_momenta=(0.5,), eval_steps=(0, 4),
+      ghost_batch_sizes=(4, 16), log_every=2)
+  results = rethinking_exp.run_experiment(config, str(tmp_path),
+                                          log=lambda *a: None)
+  rows = results["ema_vs_precise"]["0.5"]["evals"]
+  assert [r["step"] for r in rows] == [0, 4]
+  # At step 0 the EMA holds the initial statistics (mean 0, var 1), not the
+  # population ones of the initial weights.
+  assert rows[0]["ema_vs_pop_var_abs_log_ratio"] > 0
+  ghost = results["ghost_batch"]
+  assert set(ghost) == {"4", "16"}
+  for r in ghost.values():
+    assert r["normalization_gap"] == pytest.approx(
+        r["train_accuracy_batch"] - r["train_accuracy_precise"])
+  for png in ("ema_vs_precise.png", "ghost_batch.png"):
+    assert (tmp_path / png).stat().st_size > 0
+  with pytest.raises(ValueError, match="ghost_batch_sizes"):
+    rethinking_exp.run_experiment(
+        _config("exp_rethinking_batch", dataset="digits", batch_size=16,
+                ghost_batch_sizes=(3,), ema_momenta=()),
+        str(tmp_path / "bad"), log=lambda *a: None)
