@@ -36,7 +36,8 @@ import ml_collections
 from ml_collections import config_flags
 import tqdm
 
-from bn_jax.training import (analysis_hooks, checkpoint, config_validation,
+from bn_jax.analysis import training_hooks
+from bn_jax.training import (checkpoint, config_validation,
                              input_pipeline, metrics as metrics_lib, optim,
                              parallel, plots, train_state)
 from bn_jax.training.train_state import TrainingDiverged
@@ -114,6 +115,20 @@ def precise_bn_state(config, state, single_model, train_ds):
   return state.replace(batch_stats=batch_stats)
 
 
+def evaluate_with_statistics(config, step_fns, state, single_model, train_ds,
+                             test_ds) -> dict:
+  """Test metrics with the EMA running statistics (``test_*``) and, when
+  ``config.precise_bn_batches > 0``, also with PreciseBN population statistics
+  (``precise_bn_test_*``): both, so the EMA's lag is visible (Wu & Johnson)."""
+  test = evaluate(step_fns, state, test_ds, config)
+  if config.precise_bn_batches > 0 and jax.tree.leaves(state.batch_stats):
+    precise = evaluate(step_fns, precise_bn_state(config, state, single_model,
+                                                  train_ds), test_ds, config)
+    test.update({f"precise_bn_{k}": v for k, v in precise.items()
+                 if k != "test_examples"})
+  return test
+
+
 def _prefetch(iterator, sharding):
   from bn_jax.data import prefetch_to_device
   return prefetch_to_device(iterator, size=2, sharding=sharding)
@@ -172,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_step = int(jax.device_get(state.step))
   writer = metrics_lib.MetricsWriter(workdir)
   writer.truncate_after(start_step)
-  analysis_fn = (analysis_hooks.make_analysis_fn(config, single_model, tx)
+  analysis_fn = (training_hooks.make_analysis_fn(config, single_model, tx)
                  if config.analysis else None)
 
   end_step = num_train_steps if stop_after_steps is None else min(
@@ -255,10 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       pending, timed_steps = [], 0
 
       if eval_now:
-        eval_state = state
-        if config.precise_bn_batches > 0:
-          eval_state = precise_bn_state(config, state, single_model, train_ds)
-        test = evaluate(step_fns, eval_state, test_ds, config)
+        test = evaluate_with_statistics(config, step_fns, state, single_model,
+                                        train_ds, test_ds)
         writer.write(step, test)
         logging.info("%s step %d: %s", norm, step, test)
       if save_now:
@@ -272,8 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   records = metrics_lib.read_metrics(workdir)
   if start_step == num_train_steps:  # nothing left to train: evaluate again
-    records.append(dict(step=start_step,
-                        **evaluate(step_fns, state, test_ds, config)))
+    records.append(dict(step=start_step, **evaluate_with_statistics(
+        config, step_fns, state, single_model, train_ds, test_ds)))
   final_step = int(jax.device_get(state.step))
   summary = {
       "norm": norm,
@@ -281,6 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "num_train_steps": num_train_steps,
       "test_accuracy": metrics_lib.last_value(records, "test_accuracy"),
       "test_loss": metrics_lib.last_value(records, "test_loss"),
+      "precise_bn_test_accuracy": metrics_lib.last_value(
+          records, "precise_bn_test_accuracy"),
       "train_loss": metrics_lib.last_value(records, "train_loss"),
       # Over this call's steps, the compiling first step excluded; a call
       # that trained nothing reports the last recorded window.
@@ -347,9 +362,18 @@ def default_workdir() -> str:
   return os.path.join(".", "workdir", name)
 
 
+def _quiet_orbax_info(record) -> bool:
+  """absl log filter: orbax logs every checkpoint step at INFO; keep its
+  warnings and errors, drop the rest so the progress and results stay
+  readable."""
+  return (record.levelno > logging.converter.STANDARD_INFO
+          or "orbax" not in record.pathname)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_quiet_orbax_info)
   config = FLAGS.config
   # Fail on bad values before loading data or compiling anything.
   config_validation.validate_config(config)

@@ -10,14 +10,15 @@ parameter update and the new ``batch_stats``; params and state donated) of
     window is active and entries are recorded every step, the steady state);
   * ``cbn_k8_burnin``: ConvCBN k=8 during the early burn-in (normalizes as BN,
     but still computes the compensated statistics and writes the window
-    slot; the Jacobians are skipped by ``lax.cond``). ``cbn_k8 -
-    cbn_k8_burnin`` is the cost of the Jacobians (the two weight-gradient
-    pullbacks), ``cbn_k8_burnin - bn`` the cost of the compensation, the
-    window bookkeeping and the branch.
+    slot). On GPU/TPU the Jacobians are skipped there by ``lax.cond``; on
+    CPU they are computed and discarded (XLA:CPU runs convolutions inside a
+    ``cond`` branch ~25x slower, see ``_compute_if`` in the core), so on CPU
+    this costs about what ``cbn_k8`` costs.
 
 Repetitions are interleaved (each configuration once per round, rotating
 order) so machine load hits all alike; printed are the median ms per step and
-the median over rounds of the per-round ratio to ``bn``.
+the median over rounds of the per-round ratio to ``bn``, for the wall time
+and for the process CPU time (steadier on a shared machine).
 
 Memory: ``compiled.memory_analysis()`` of the jitted step (argument, output
 and temp bytes), and the bytes of the CBN window in ``batch_stats`` compared
@@ -119,8 +120,7 @@ class Runner:
     # Copies, since the step donates its inputs.
     self.state = (jax.tree.map(jnp.copy, params),
                   jax.tree.map(jnp.copy, stats))
-    for _ in range(10):  # fill the window (k <= 8) and warm up
-      self.run(1)
+    self.run(10)  # fill the window (k <= 8) and warm up
 
   def run(self, n):
     params, stats = self.state
@@ -130,31 +130,42 @@ class Runner:
     self.state = (params, stats)
 
   def time(self, n):
-    t0 = time.perf_counter()
+    """(wall, process CPU) seconds per step. On a shared machine the CPU
+    time of this process (all its threads) is the steadier measure of the
+    work done; the wall time also counts waiting for a core."""
+    t0, c0 = time.perf_counter(), time.process_time()
     self.run(n)
-    return (time.perf_counter() - t0) / n
+    return ((time.perf_counter() - t0) / n, (time.process_time() - c0) / n)
 
 
 def bench(batch, rounds, inner):
   runners = [Runner(name, norm, kw, batch)
              for name, (norm, kw) in _configs().items()]
   times = {r.name: [] for r in runners}
+  cpu_times = {r.name: [] for r in runners}
   for i in range(rounds):
     order = runners[i % len(runners):] + runners[:i % len(runners)]
     for r in order:
-      times[r.name].append(r.time(inner))
+      wall, cpu = r.time(inner)
+      times[r.name].append(wall)
+      cpu_times[r.name].append(cpu)
   print(f"\nbatch {batch}: median ms/step over {rounds} rounds x {inner} "
-        "steps (ratio = median of per-round ratios to bn)")
-  print(f"{'config':<15}{'ms/step':>9}{'x bn':>7}{'temp MB':>9}"
+        "steps (ratio = median of per-round ratios to bn; cpu = process CPU "
+        f"time); load average {os.getloadavg()[0]:.1f}")
+  print(f"{'config':<15}{'ms/step':>9}{'x bn':>7}{'cpu ms':>9}{'cpu x bn':>9}"
+        f"{'temp MB':>9}"
         f"{'args MB':>9}{'window MB':>11}{'3(k-1)|W| MB':>14}{'compile s':>11}")
   for r in runners:
     ratio = statistics.median(
         a / b for a, b in zip(times[r.name], times["bn"]))
+    cpu_ratio = statistics.median(
+        a / b for a, b in zip(cpu_times[r.name], cpu_times["bn"]))
     k = (_configs()[r.name][1] or {}).get("window", 1)
     bound = 3 * (k - 1) * r.conv_bytes
     mem = r.memory
     print(f"{r.name:<15}{1e3 * statistics.median(times[r.name]):>9.2f}"
-          f"{ratio:>7.3f}{mem.temp_size_in_bytes / 2**20:>9.2f}"
+          f"{ratio:>7.3f}{1e3 * statistics.median(cpu_times[r.name]):>9.2f}"
+          f"{cpu_ratio:>9.3f}{mem.temp_size_in_bytes / 2**20:>9.2f}"
           f"{mem.argument_size_in_bytes / 2**20:>9.2f}"
           f"{r.window_bytes / 2**20:>11.3f}{bound / 2**20:>14.3f}"
           f"{r.compile_s:>11.1f}")

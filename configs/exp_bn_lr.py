@@ -24,27 +24,20 @@ we do not), N(0, 0.1^2) initial weights. The base rate 0.05 is ours
 Scale: cpu = 20,000 steps per run (8 runs); paper = 50,000 steps (the
 MNIST experiment's length; the Inception runs were millions of steps).
 """
+import os
+import runpy
+
 import ml_collections
+
+_SHARED = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(
+    __file__)), "exp_common.py"))
 
 
 def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
-  if scale not in ("cpu", "paper"):
-    raise ValueError(f"scale must be 'cpu' or 'paper', got {scale!r}.")
-  c = ml_collections.ConfigDict()
-  c.scale = scale
-  c.dataset = "mnist"
-  c.data_dir = ""
-  c.runs = ("none/relu/x1", "bn/relu/x1", "bn/relu/x5", "bn/relu/x30",
-            "bn/sigmoid/x5", "none/sigmoid/x5", "none/relu/x5",
-            "none/relu/x30")
-  c.baseline = "none/relu/x1"
-  c.hidden = (100, 100, 100)
-  c.kernel_init_std = 0.1
-  c.batch_size = 60
-  c.num_train_steps = 20_000 if scale == "cpu" else 50_000
-  c.base_learning_rate = 0.05
-  c.momentum = 0.0
-  c.seed = 0
-  c.chunk_steps = 250
-  c.eval_every = 250
-  return c
+  return _SHARED["bn_paper_mlp_config"](
+      scale, runs=("none/relu/x1", "bn/relu/x1", "bn/relu/x5", "bn/relu/x30",
+                   "bn/sigmoid/x5", "none/sigmoid/x5", "none/relu/x5",
+                   "none/relu/x30"),
+      baseline="none/relu/x1",
+      num_train_steps=20_000 if scale == "cpu" else 50_000,
+      base_learning_rate=0.05, eval_every=250)

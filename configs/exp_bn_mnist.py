@@ -4,7 +4,7 @@
 50,000 SGD steps, with and without BN (``experiments/bn_mnist.py``).
 
 Both scales are the paper's scale: the MLP is tiny and the scanned training
-loop of ``experiments/bn_santurkar_lib.py`` runs 50k steps in about a minute
+loop of ``experiments/common.py`` (``Run``) runs 50k steps in about a minute
 per run on one CPU core, so nothing is reduced on CPU.
 
 Not stated in the paper (documented choices, configurable): the learning rate
@@ -14,29 +14,19 @@ on which examples the percentiles are taken (``probe_size`` fixed test
 images, the network in training mode -- BN normalizes by the probe set's
 statistics -- and also, stored in the JSON, in inference mode).
 """
+import os
+import runpy
+
 import ml_collections
+
+_SHARED = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(
+    __file__)), "exp_common.py"))
 
 
 def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
-  if scale not in ("cpu", "paper"):
-    raise ValueError(f"scale must be 'cpu' or 'paper', got {scale!r}.")
-  c = ml_collections.ConfigDict()
-  c.scale = scale
-  c.dataset = "mnist"
-  c.data_dir = ""
-  c.norms = ("none", "bn")
-  c.hidden = (100, 100, 100)
-  c.activation = "sigmoid"
-  c.kernel_init_std = 0.1
-  c.batch_size = 60
-  c.num_train_steps = 50_000
-  c.learning_rate = 0.5
-  c.momentum = 0.0
-  c.seed = 0
   # Measurements: test accuracy every eval_every steps, percentiles of the
   # last hidden layer's sigmoid input `unit` every chunk_steps steps.
-  c.chunk_steps = 250
-  c.eval_every = 500
-  c.unit = 0
-  c.probe_size = 1000
-  return c
+  return _SHARED["bn_paper_mlp_config"](
+      scale, norms=("none", "bn"), activation="sigmoid",
+      num_train_steps=50_000, learning_rate=0.5, eval_every=500, unit=0,
+      probe_size=1000)

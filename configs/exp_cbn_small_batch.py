@@ -16,19 +16,17 @@ evaluation on the full 10k test set with the running statistics.
 Override anything with ``--config.<key>=<value>``, e.g.
 ``--config.batch_sizes='(8,2)' --config.methods='("bn","cbn")'``.
 """
+import os
+import runpy
+
 import ml_collections
+
+_SHARED = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(
+    __file__)), "exp_common.py"))
 
 
 def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
-  if scale not in ("cpu", "paper"):
-    raise ValueError(f"scale must be 'cpu' or 'paper', got {scale!r}.")
-  c = ml_collections.ConfigDict()
-  c.scale = scale
-  c.seed = 0
-
-  # Data.
-  c.dataset = "cifar10"
-  c.data_dir = ""               # '' = bn_jax.data's default (../shared/data)
+  c = _SHARED["new_config"](scale, dataset="cifar10")  # scale, seed, data_dir
   c.downsample = 2              # average-pool factor of the images (1 = none)
   c.train_subset = 0            # > 0: first N training examples only
   c.augment = False             # random crop (pad 4) + flip

@@ -22,19 +22,17 @@ the batch samples only (a conv layer also pools H x W positions), so the
 normalization batch size effects are strongest there, and a step costs ~1 ms,
 so the momentum and ghost sweeps fit many evaluations in ~10 minutes.
 """
+import os
+import runpy
+
 import ml_collections
+
+_SHARED = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(
+    __file__)), "exp_common.py"))
 
 
 def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
-  if scale not in ("cpu", "paper"):
-    raise ValueError(f"scale must be 'cpu' or 'paper', got {scale!r}.")
-  c = ml_collections.ConfigDict()
-  c.scale = scale
-  c.seed = 0
-
-  # Data.
-  c.dataset = "fashion_mnist"
-  c.data_dir = ""
+  c = _SHARED["new_config"](scale, dataset="fashion_mnist")
   c.train_subset = 0            # > 0: first N training examples only
   c.augment = False
   c.eval_batch_size = 128       # full batches only (batch-statistics mode)

@@ -9,37 +9,24 @@ BN between the layers; ICS (Def. 2.1) and the landscape probes at
 The paper's depth is ~25 and its width/data are unverified (PAPERS.md):
 configurable. The DLN is cheap: cpu and paper scale differ only in length.
 """
+import os
+import runpy
+
 import ml_collections
+
+_SHARED = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(
+    __file__)), "exp_common.py"))
 
 
 def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
-  if scale not in ("cpu", "paper"):
-    raise ValueError(f"scale must be 'cpu' or 'paper', got {scale!r}.")
   cpu = scale == "cpu"
-  c = ml_collections.ConfigDict()
-  c.scale = scale
-  c.data_dir = ""
-  c.synthetic = ml_collections.ConfigDict(dict(
-      num_train=8192, num_test=2048, dim=64, num_classes=10, noise=0.0))
-  c.norms = ("none", "bn")
-  c.model_kwargs = ml_collections.ConfigDict(dict(depth=25, width=100))
-  c.train_subset = 0
-  c.test_subset = 0
-  c.batch_size = 128
-  c.eval_batch_size = 1024
-  c.num_train_steps = 2000 if cpu else 10_000
-  c.learning_rate = 0.01
-  c.momentum = 0.0
-  c.weight_decay = 0.0
-  c.schedule = "constant"
-  c.decay_boundaries = (0.5, 0.75)
-  c.seed = 0
-  c.chunk_steps = 100
-  c.scan = True                 # dense layers only: scanned chunks are fast
-  c.analysis_method = "map"
-  c.num_points = 6 if cpu else 21
-  c.probe_size = 512
-  c.tracked_layers = (2, -1)
-  c.step_size_range = (0.25, 4.0)
-  c.num_step_sizes = 5
-  return c
+  return _SHARED["santurkar_config"](
+      scale, synthetic=ml_collections.ConfigDict(dict(
+          num_train=8192, num_test=2048, dim=64, num_classes=10, noise=0.0)),
+      norms=("none", "bn"),
+      model_kwargs=ml_collections.ConfigDict(dict(depth=25, width=100)),
+      batch_size=128, eval_batch_size=1024,
+      num_train_steps=2000 if cpu else 10_000, learning_rate=0.01,
+      momentum=0.0, weight_decay=0.0, chunk_steps=100,
+      scan=True,  # dense layers only: scanned chunks are fast
+      analysis_method="map", num_points=6 if cpu else 21, probe_size=512)

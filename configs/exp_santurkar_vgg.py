@@ -20,42 +20,18 @@ library's defaults: per-feature mean ~ U(-1, 1), std ~ U(0.5, 1.5), redrawn
 every step), the landscape step sizes (``step_size_range`` times the
 learning rate, ``num_step_sizes`` geometric points).
 """
+import os
+import runpy
+
 import ml_collections
+
+_SHARED = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(
+    __file__)), "exp_common.py"))
 
 
 def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
-  if scale not in ("cpu", "paper"):
-    raise ValueError(f"scale must be 'cpu' or 'paper', got {scale!r}.")
-  cpu = scale == "cpu"
-  c = ml_collections.ConfigDict()
-  c.scale = scale
-  c.dataset = "cifar10"         # 'digits' for the smoke test
-  c.data_dir = ""
-  c.norms = ("none", "bn", "noisy_bn")
-  c.landscape_norms = ("none", "bn")
-  c.model_kwargs = ml_collections.ConfigDict(dict(
-      variant="vgg11", width_multiplier=0.125 if cpu else 1.0))
-  c.noise = ml_collections.ConfigDict(dict(
-      noise_mean_range=(-1.0, 1.0), noise_std_range=(0.5, 1.5)))
-  c.train_subset = 10_000 if cpu else 0     # 0 = all 50,000
-  c.test_subset = 2_000 if cpu else 0       # 0 = all 10,000
-  c.batch_size = 64 if cpu else 128
-  c.eval_batch_size = 500
-  c.num_train_steps = 800 if cpu else 15_600  # paper: 40 epochs of 390
-  c.learning_rate = 0.05
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.schedule = "constant"
-  c.decay_boundaries = (0.5, 0.75)
-  c.seed = 0
-  c.chunk_steps = 50
-  # One jitted step per dispatch and vmapped instruments: XLA:CPU runs convs
-  # inside loops (lax.scan / lax.map) ~100x slower (bn_santurkar_lib.Run).
-  c.scan = False
-  c.analysis_method = "vmap"
-  c.num_points = 5 if cpu else 20
-  c.probe_size = 256
-  c.tracked_layers = (2, -1)   # 3rd conv layer and the last one
-  c.step_size_range = (0.25, 4.0)
-  c.num_step_sizes = 5
-  return c
+  return _SHARED["santurkar_vgg_config"](
+      scale, norms=("none", "bn", "noisy_bn"),
+      ics_norms=("none", "bn", "noisy_bn"), landscape_norms=("none", "bn"),
+      noise=ml_collections.ConfigDict(dict(
+          noise_mean_range=(-1.0, 1.0), noise_std_range=(0.5, 1.5))))

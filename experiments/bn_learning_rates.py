@@ -22,7 +22,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
   sys.path.insert(0, _HERE)
 
-import bn_santurkar_lib as lib  # noqa: E402
+import bn_mnist  # noqa: E402
+import common  # noqa: E402
 
 # PAPERS.md section 1 (ImageNet, Inception): steps to 72.2% / max accuracy.
 PAPER_INCEPTION = {
@@ -52,35 +53,22 @@ def parse_run(spec: str) -> tuple[str, str, float]:
   return parts[0], parts[1], multiplier
 
 
-def train_one(config, spec: str, data, train_ds, test_ds, device_data) -> dict:
+def train_one(config, spec: str, data) -> dict:
   norm, activation, multiplier = parse_run(spec)
   lr = config.base_learning_rate * multiplier
-  model = lib.build_model("mlp", num_classes=train_ds.num_classes, norm=norm,
-                          hidden=tuple(config.hidden), activation=activation,
-                          kernel_init_std=config.kernel_init_std)
-  run = lib.Run(model, lib.TrainSettings(learning_rate=lr,
-                                         momentum=config.momentum),
-                data, train_ds, test_ds,
-                num_train_steps=config.num_train_steps, seed=config.seed,
-                device_data=device_data)
+  run = bn_mnist.mlp_run(config, data, norm=norm, activation=activation,
+                         learning_rate=lr)
   steps, accs = [0], [run.evaluate()["test_accuracy"]]
-  status = "ok"
   t0 = time.perf_counter()
-  while run.step < config.num_train_steps:
-    out = run.train(min(config.chunk_steps,
-                        config.num_train_steps - run.step))
-    if not out["finite"]:
-      status = f"diverged (non-finite loss) before step {run.step}"
-      break
-    if run.step % config.eval_every == 0 or (
-        run.step == config.num_train_steps):
+  for _ in run.train_chunks(config.num_train_steps, config.chunk_steps):
+    if common.is_due(run.step, config.eval_every, config.num_train_steps):
       steps.append(run.step)
       accs.append(run.evaluate()["test_accuracy"])
   wall = time.perf_counter() - t0
-  lib.log(f"[{spec}] lr {lr:g}: {status}, max test acc {max(accs):.4f}, "
-          f"final {accs[-1]:.4f}, {wall:.0f}s")
+  common.log(f"[{spec}] lr {lr:g}: {run.status}, max test acc "
+             f"{max(accs):.4f}, final {accs[-1]:.4f}, {wall:.0f}s")
   return {"norm": norm, "activation": activation, "multiplier": multiplier,
-          "learning_rate": lr, "status": status, "steps": steps,
+          "learning_rate": lr, "status": run.status, "steps": steps,
           "test_accuracy": accs, "max_test_accuracy": max(accs),
           "final_test_accuracy": accs[-1],
           "step_of_max": steps[accs.index(max(accs))],
@@ -106,7 +94,7 @@ def table(results: dict, config, target: float) -> str:
 
 
 def plot(results: dict, target: float, workdir: str) -> str:
-  fig, axes = lib.figure(2, width=5.0)
+  fig, axes = common.figure(2, width=5.0)
   for spec, r in results.items():
     style = "-" if r["norm"] == "bn" else "--"
     for ax in axes[0]:
@@ -121,7 +109,7 @@ def plot(results: dict, target: float, workdir: str) -> str:
     ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=7)
   axes[0, 0].set_title("MNIST MLP: BN-paper learning-rate protocol")
-  return lib.save(fig, os.path.join(workdir, "test_accuracy.png"))
+  return common.save(fig, os.path.join(workdir, "test_accuracy.png"))
 
 
 def run_experiment(config, workdir: str) -> dict:
@@ -134,38 +122,22 @@ def run_experiment(config, workdir: str) -> dict:
                      f"config.runs {specs}.")
   specs.remove(config.baseline)
   specs.insert(0, config.baseline)  # its best accuracy is the target
-  data = lib.DataSettings(dataset=config.dataset, batch_size=config.batch_size,
-                          seed=config.seed, data_dir=config.data_dir,
-                          eval_batch_size=1000)
-  train_ds, test_ds = lib.load_data(data)
-  device_data = lib.normalized_arrays(train_ds)
-  results = {spec: train_one(config, spec, data, train_ds, test_ds,
-                             device_data) for spec in specs}
+  data = bn_mnist.setup_data(config)
+  results = {spec: train_one(config, spec, data) for spec in specs}
   target = results[config.baseline]["max_test_accuracy"]
   for r in results.values():
-    r["steps_to_target"] = lib.steps_to_reach(r["steps"], r["test_accuracy"],
-                                              target)
+    r["steps_to_target"] = common.steps_to_reach(r["steps"],
+                                                 r["test_accuracy"], target)
   md = table(results, config, target)
-  out = {"experiment": "bn_learning_rates", "config": lib.to_dict(config),
+  out = {"experiment": "bn_learning_rates", "config": common.to_dict(config),
          "target_accuracy": target, "results": results,
-         "paper_inception": PAPER_INCEPTION,
-         "total_wall_seconds": time.perf_counter() - t0}
-  lib.write_json(os.path.join(workdir, "results.json"), out)
+         "paper_inception": PAPER_INCEPTION}
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write("# BN paper learning-rate protocol on the MNIST MLP\n\n" + md)
   plot(results, target, workdir)
-  lib.log(md)
-  lib.log(f"wrote {workdir} in {out['total_wall_seconds']:.0f}s")
-  return out
+  return common.save_results(workdir, out, t0, summary=[md])
 
 
-def main(argv):
-  del argv
-  run_experiment(FLAGS.config, FLAGS.workdir)
-
-
-FLAGS = None
 if __name__ == "__main__":
-  from absl import app
-  FLAGS = lib.define_flags("bn_learning_rates", lib.config_path("exp_bn_lr.py"))
-  app.run(main)
+  common.run_script("bn_learning_rates", "exp_bn_lr.py", run_experiment)

@@ -32,7 +32,7 @@ if _HERE not in sys.path:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bn_santurkar_lib as lib  # noqa: E402
+import common  # noqa: E402
 from bn_jax import analysis  # noqa: E402
 
 LABELS = {"none": "Without BN", "bn": "With BN"}
@@ -46,19 +46,38 @@ def make_capture(model):
   return jax.jit(capture, static_argnums=2)
 
 
-def train_one(config, norm: str, data, train_ds, test_ds, device_data,
-              probe) -> dict:
-  """Trains one MLP (``norm``) and returns its curves and summaries."""
-  model = lib.build_model(
+def setup_data(config):
+  """``(settings, train_ds, test_ds, device_data)`` of the BN paper's MLP
+  experiments (also ``bn_learning_rates.py``): the library settings without
+  the learning rate, the data, the normalized training set on the device."""
+  settings = common.library_config(
+      dataset=config.dataset, batch_size=config.batch_size, seed=config.seed,
+      data_dir=config.data_dir, eval_batch_size=1000,
+      momentum=config.momentum)
+  train_ds, test_ds = common.load_data(settings)
+  return settings, train_ds, test_ds, common.normalized_arrays(train_ds)
+
+
+def mlp_run(config, data, *, norm: str, activation: str,
+            learning_rate: float) -> common.Run:
+  """The paper's MLP (``config.hidden``, N(0, kernel_init_std^2) weights)
+  with ``norm`` and ``activation``, ready to train at ``learning_rate``."""
+  settings, train_ds, test_ds, device_data = data
+  model = common.build_model(
       "mlp", num_classes=train_ds.num_classes, norm=norm,
-      hidden=tuple(config.hidden), activation=config.activation,
+      hidden=tuple(config.hidden), activation=activation,
       kernel_init_std=config.kernel_init_std)
-  run = lib.Run(model, lib.TrainSettings(learning_rate=config.learning_rate,
-                                         momentum=config.momentum),
-                data, train_ds, test_ds,
-                num_train_steps=config.num_train_steps, seed=config.seed,
-                device_data=device_data)
-  capture = make_capture(model)
+  return common.Run(model, common.library_config(
+      settings, learning_rate=learning_rate), train_ds, test_ds,
+                    num_train_steps=config.num_train_steps, seed=config.seed,
+                    device_data=device_data)
+
+
+def train_one(config, norm: str, data, probe) -> dict:
+  """Trains one MLP (``norm``) and returns its curves and summaries."""
+  run = mlp_run(config, data, norm=norm, activation=config.activation,
+                learning_rate=config.learning_rate)
+  capture = make_capture(run.model)
   trackers = {mode: analysis.ActivationTracker(unit=config.unit, layer=-1)
               for mode in ("eval", "train")}
 
@@ -77,31 +96,25 @@ def train_one(config, norm: str, data, train_ds, test_ds, device_data,
 
   record()
   evaluate()
-  status = "ok"
   t0 = time.perf_counter()
-  while run.step < config.num_train_steps:
-    out = run.train(min(config.chunk_steps,
-                        config.num_train_steps - run.step))
-    if not out["finite"]:
-      status = f"diverged before step {run.step}"
-      break
+  for _ in run.train_chunks(config.num_train_steps, config.chunk_steps):
     record()
-    if run.step % config.eval_every == 0 or (
-        run.step == config.num_train_steps):
+    if common.is_due(run.step, config.eval_every, config.num_train_steps):
       evaluate()
   wall = time.perf_counter() - t0
-  lib.log(f"[{norm}] {status}: step {run.step}, test acc {eval_acc[-1]:.4f} "
-          f"(max {max(eval_acc):.4f}), {wall:.0f}s")
+  common.log(f"[{norm}] {run.status}: step {run.step}, test acc "
+             f"{eval_acc[-1]:.4f} (max {max(eval_acc):.4f}), {wall:.0f}s")
 
   histories = {mode: t.history() for mode, t in trackers.items()}
   last_layer = [k[:-len("/mean_drift")] for k in histories["eval"]
                 if k.endswith("/mean_drift")][-1]
   return {
-      "status": status,
+      "status": run.status,
       "steps": eval_steps, "test_accuracy": eval_acc, "test_loss": eval_loss,
       "final_test_accuracy": eval_acc[-1],
       "max_test_accuracy": max(eval_acc),
-      "steps_to_reach": {f"{t:g}": lib.steps_to_reach(eval_steps, eval_acc, t)
+      "steps_to_reach": {f"{t:g}": common.steps_to_reach(eval_steps,
+                                                         eval_acc, t)
                          for t in ACCURACY_TARGETS},
       "accuracy_at": {str(s): a for s, a in zip(eval_steps, eval_acc)
                       if s in (1000, 2000, 5000, 10_000, 20_000, 50_000)},
@@ -151,7 +164,7 @@ def percentile_stability(history: dict, config) -> dict:
 def plot(results: dict, config, workdir: str) -> list[str]:
   from bn_jax.analysis import plotting
   paths = []
-  fig, axes = lib.figure(1)
+  fig, axes = common.figure(1)
   ax = axes[0, 0]
   for norm, res in results.items():
     ax.plot(res["steps"], res["test_accuracy"], label=LABELS.get(norm, norm))
@@ -161,7 +174,7 @@ def plot(results: dict, config, workdir: str) -> list[str]:
   ax.grid(alpha=0.3)
   ax.legend()
   ax.set_title("(a) MNIST 3x100 sigmoid MLP, batch 60")
-  paths.append(lib.save(fig, os.path.join(workdir, "fig1a_test_accuracy.png")))
+  paths.append(common.save(fig, os.path.join(workdir, "fig1a_test_accuracy.png")))
 
   histories = {f"{LABELS.get(n, n)} (unit {config.unit}, last hidden layer)": {
       "steps": r["percentiles"]["train"]["steps"],
@@ -174,7 +187,7 @@ def plot(results: dict, config, workdir: str) -> list[str]:
       fig, os.path.join(workdir, "fig1bc_percentiles.png"), dpi=90))
 
   # Per-layer drift of the per-unit means, relative to the initial std.
-  fig, axes = lib.figure(len(results))
+  fig, axes = common.figure(len(results))
   for ax, (norm, res) in zip(axes[0], results.items()):
     drift = res["drift"]["train"]
     steps = res["percentiles"]["train"]["steps"]
@@ -187,41 +200,26 @@ def plot(results: dict, config, workdir: str) -> list[str]:
     ax.set_title(f"{LABELS.get(norm, norm)}: mean |mu_t - mu_0| / std_0")
     ax.set_xlabel("training step")
     ax.legend()
-  paths.append(lib.save(fig, os.path.join(workdir, "drift.png")))
+  paths.append(common.save(fig, os.path.join(workdir, "drift.png")))
   return paths
 
 
 def run_experiment(config, workdir: str) -> dict:
   """Trains every norm of ``config.norms``; writes JSON + plots."""
   t0 = time.perf_counter()
-  data = lib.DataSettings(dataset=config.dataset, batch_size=config.batch_size,
-                          seed=config.seed, data_dir=config.data_dir,
-                          eval_batch_size=1000)
-  train_ds, test_ds = lib.load_data(data)
-  device_data = lib.normalized_arrays(train_ds)
-  probe = lib.fixed_batch(test_ds, data, config.probe_size)
-  results = {norm: train_one(config, norm, data, train_ds, test_ds,
-                             device_data, probe)
+  data = setup_data(config)
+  probe = common.fixed_batch(data[2], config.probe_size)
+  results = {norm: train_one(config, norm, data, probe)
              for norm in config.norms}
-  out = {"experiment": "bn_mnist", "config": lib.to_dict(config),
-         "results": results, "total_wall_seconds": time.perf_counter() - t0}
-  lib.write_json(os.path.join(workdir, "results.json"), out)
+  out = {"experiment": "bn_mnist", "config": common.to_dict(config),
+         "results": results}
   plot(results, config, workdir)
-  for norm, res in results.items():
-    lib.log(f"{norm}: final {res['final_test_accuracy']:.4f} max "
-            f"{res['max_test_accuracy']:.4f} steps_to {res['steps_to_reach']} "
-            f"stability {res['percentile_stability']['eval']}")
-  lib.log(f"wrote {workdir} in {out['total_wall_seconds']:.0f}s")
-  return out
+  return common.save_results(workdir, out, t0, summary=[
+      f"{norm}: final {r['final_test_accuracy']:.4f} max "
+      f"{r['max_test_accuracy']:.4f} steps_to {r['steps_to_reach']} "
+      f"stability {r['percentile_stability']['eval']}"
+      for norm, r in results.items()])
 
 
-def main(argv):
-  del argv
-  run_experiment(FLAGS.config, FLAGS.workdir)
-
-
-FLAGS = None
 if __name__ == "__main__":
-  from absl import app
-  FLAGS = lib.define_flags("bn_mnist", lib.config_path("exp_bn_mnist.py"))
-  app.run(main)
+  common.run_script("bn_mnist", "exp_bn_mnist.py", run_experiment)

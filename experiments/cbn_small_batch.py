@@ -30,47 +30,32 @@ for these convolutions), the model :class:`bn_jax.models.CifarResNet`.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
-import math
+import dataclasses
 import os
 import sys
 import time
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
-from absl import app, flags
 import jax
-import jax.numpy as jnp
-import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(_HERE)
-if _REPO not in sys.path:  # run as a script from anywhere
-  sys.path.insert(0, _REPO)
+if _HERE not in sys.path:
+  sys.path.insert(0, _HERE)
 
-from bn_jax.data import ArrayDataset, channel_stats, load_dataset  # noqa: E402
+import common  # noqa: E402
+from bn_jax.data import ArrayDataset, channel_stats  # noqa: E402
 from bn_jax.models import CifarResNet  # noqa: E402
-from bn_jax.training import (config_validation, input_pipeline, optim,  # noqa: E402
-                             steps, train_state)
+from bn_jax.training import eval_step, input_pipeline  # noqa: E402
 
 NAME = "cbn_small_batch"
-DEFAULT_CONFIG = os.path.join(_REPO, "configs", "exp_cbn_small_batch.py")
 METHODS = ("bn", "gn", "brn", "naive_cbn", "cbn")
-SCALES = ("cpu", "paper")
-
-
-def _scale_from_argv(argv) -> str:
-  """``--scale`` read before flag parsing: it picks the config's defaults,
-  which the ``--config.<key>`` overrides then change."""
-  for i, arg in enumerate(argv):
-    if arg.startswith("--scale="):
-      return arg.split("=", 1)[1]
-    if arg == "--scale" and i + 1 < len(argv):
-      return argv[i + 1]
-  return "cpu"
+# Config keys that select runs or only change logging: not in a run's
+# fingerprint, so changing them keeps the finished runs.
+NOT_FINGERPRINTED = ("log_every", "compilation_cache", "methods",
+                     "batch_sizes", "ablation_windows",
+                     "ablation_burn_in_fractions", "ablation_batch_size",
+                     "cbn_max_batch_size")
 
 
 # ----------------------------------------------------------------------------
@@ -141,23 +126,18 @@ def norm_of(config, spec: RunSpec, num_steps: int) -> tuple[str, dict]:
 
 
 def training_config(config, batch_size: int, num_steps: int):
-  """A :func:`bn_jax.training.base_config` for the library's optimizer,
-  schedule and input pipeline (linear lr scaling, warm-up + cosine)."""
-  t = config_validation.base_config()
-  t.dataset = config.dataset
-  t.seed = int(config.seed)
-  t.augment = bool(config.augment)
-  t.batch_size = batch_size
-  t.eval_batch_size = int(config.eval_batch_size)
-  t.num_train_steps = num_steps
-  t.optimizer = "sgd"
-  t.learning_rate = (float(config.base_learning_rate) * batch_size /
-                     float(config.base_batch_size))
-  t.momentum = float(config.momentum)
-  t.weight_decay = float(config.weight_decay)
-  t.schedule = "cosine"
-  t.warmup_steps = int(round(float(config.warmup_fraction) * num_steps))
-  return t
+  """The library settings of one run: optimizer, schedule (linear lr
+  scaling, warm-up + cosine) and input pipeline."""
+  return common.library_config(
+      dataset=config.dataset, data_dir=config.data_dir, seed=int(config.seed),
+      augment=bool(config.augment), batch_size=batch_size,
+      eval_batch_size=int(config.eval_batch_size), num_train_steps=num_steps,
+      optimizer="sgd",
+      learning_rate=(float(config.base_learning_rate) * batch_size /
+                     float(config.base_batch_size)),
+      momentum=float(config.momentum),
+      weight_decay=float(config.weight_decay), schedule="cosine",
+      warmup_steps=int(round(float(config.warmup_fraction) * num_steps)))
 
 
 # ----------------------------------------------------------------------------
@@ -179,49 +159,21 @@ def downsample_images(images: np.ndarray, factor: int) -> np.ndarray:
 def load_data(config) -> tuple[ArrayDataset, ArrayDataset]:
   """Train/test splits, subset and downsampled as configured; the
   normalization statistics are recomputed on the (reduced) train split."""
-  data_dir = config.data_dir or None
-  train = load_dataset(config.dataset, "train", data_dir=data_dir)
-  test = load_dataset(config.dataset, "test", data_dir=data_dir)
-  train_images, train_labels = train.images, train.labels
-  if config.train_subset > 0:
-    train_images = train_images[:config.train_subset]
-    train_labels = train_labels[:config.train_subset]
+  train, test = common.load_data(common.library_config(
+      dataset=config.dataset, data_dir=config.data_dir))
+  train = common.first_examples(train, config.train_subset)
   factor = int(config.downsample)
-  train_images = downsample_images(train_images, factor)
-  test_images = downsample_images(test.images, factor)
+  train_images = downsample_images(train.images, factor)
   mean, std = channel_stats(train_images)
-  make = lambda images, labels, split: ArrayDataset(
-      images=np.ascontiguousarray(images), labels=labels,
-      num_classes=train.num_classes, mean=mean, std=std, name=train.name,
-      split=split)
-  return (make(train_images, train_labels, "train"),
-          make(test_images, test.labels, "test"))
+  return tuple(dataclasses.replace(
+      ds, images=np.ascontiguousarray(images), mean=mean, std=std)
+               for ds, images in ((train, train_images),
+                                  (test, downsample_images(test.images,
+                                                           factor))))
 
 
 # ----------------------------------------------------------------------------
 # One run.
-
-def evaluate(eval_step, state, test_ds, tconfig) -> dict:
-  """Exact test loss/accuracy with the running statistics (padded, masked)."""
-  totals = np.zeros(3, np.float64)
-  for batch in input_pipeline.eval_iterator(test_ds, tconfig):
-    sums = eval_step(state, batch)
-    totals += np.asarray(jax.device_get(
-        (sums["loss_sum"], sums["correct"], sums["count"])), np.float64)
-  return {"test_loss": float(totals[0] / totals[2]),
-          "test_accuracy": float(totals[1] / totals[2]),
-          "test_examples": int(totals[2])}
-
-
-def _fingerprint(config, spec: RunSpec) -> str:
-  keys = {k: v for k, v in config.to_dict().items()
-          if k not in ("log_every", "compilation_cache", "methods",
-                       "batch_sizes", "ablation_windows",
-                       "ablation_burn_in_fractions", "ablation_batch_size",
-                       "cbn_max_batch_size")}
-  text = json.dumps([keys, spec._asdict()], sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
-
 
 def train_run(config, spec: RunSpec, data, *, log=print) -> dict:
   """Trains one run from scratch and evaluates it; returns its record."""
@@ -233,51 +185,31 @@ def train_run(config, spec: RunSpec, data, *, log=print) -> dict:
                       stage_sizes=tuple(config.stage_sizes),
                       width=int(config.width), shortcut=config.shortcut,
                       norm=norm, norm_kwargs=norm_kwargs)
-  lr_fn = optim.create_learning_rate_fn(tconfig, num_steps)
-  tx = optim.create_optimizer(tconfig, lr_fn)
-  state = train_state.create_train_state(
-      jax.random.PRNGKey(config.seed), model, tx,
-      (spec.batch_size,) + train_ds.image_shape)
-  train_step = jax.jit(functools.partial(steps.train_step,
-                                         learning_rate_fn=lr_fn),
-                       donate_argnums=(0,))
-  eval_step = jax.jit(steps.eval_step)
-
+  state, lr_fn, _ = common.init_training(
+      model, tconfig, num_train_steps=num_steps,
+      input_shape=(spec.batch_size,) + train_ds.image_shape, seed=config.seed)
   record = dict(spec._asdict(), norm=norm, norm_kwargs=norm_kwargs,
                 num_steps=num_steps, train_samples=num_steps * spec.batch_size,
                 learning_rate=tconfig.learning_rate,
-                warmup_steps=tconfig.warmup_steps, status="ok")
-  batches = input_pipeline.train_iterator(train_ds, tconfig)
-  curve = []            # (step, mean train loss over the window)
-  pending = []
+                warmup_steps=tconfig.warmup_steps)
   t_start = time.perf_counter()
-  t_compiled = None
-  for step in range(1, num_steps + 1):
-    batch = next(batches)
-    state, metrics = train_step(state, {"image": batch["image"],
-                                        "label": batch["label"]})
-    pending.append(metrics["loss"])
-    if step == 1:
-      jax.block_until_ready(metrics)
-      t_compiled = time.perf_counter()
-    if step % config.log_every and step != num_steps:
-      continue
-    losses = np.asarray(jax.device_get(pending), np.float64)
-    pending = []
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if bad.size:
-      record["status"] = f"diverged at step {step - len(losses) + 1 + bad[0]}"
-      break
-    curve.append((step, float(losses.mean())))
+  state, curve, record["status"], first_step = common.train_stepwise(
+      common.jit_train_step(lr_fn), state,
+      input_pipeline.train_iterator(train_ds, tconfig), num_steps,
+      sync_every=config.log_every)
   t_trained = time.perf_counter()
-  record["train_curve"] = curve
+  # (step, mean train loss over the window): the accuracy is not recorded.
+  record["train_curve"] = curve = [(step, loss) for step, loss, _ in curve]
   tail = [l for s, l in curve[-max(len(curve) // 10, 1):]]
   record["final_train_loss"] = float(np.mean(tail)) if tail else None
   if record["status"] == "ok":
-    record.update(evaluate(eval_step, state, test_ds, tconfig))
+    record.update(common.evaluate(jax.jit(eval_step), state,
+                                  input_pipeline.eval_iterator(test_ds,
+                                                               tconfig)))
   else:
     record.update(test_loss=None, test_accuracy=None, test_examples=0)
   t_end = time.perf_counter()
+  t_compiled = t_start + first_step
   record["seconds"] = dict(
       first_step_incl_compile=round(t_compiled - t_start, 2),
       train=round(t_trained - t_compiled, 2),
@@ -306,22 +238,11 @@ def run_sweep(config, workdir: str, *, log=print) -> dict:
   data = load_data(config)
   log(f"data: train {data[0].images.shape}, test {data[1].images.shape} "
       f"({time.perf_counter() - t0:.1f}s); {len(specs)} runs")
-  records = {}
-  for spec in specs:
-    path = os.path.join(workdir, "runs", f"{spec.name}.json")
-    fingerprint = _fingerprint(config, spec)
-    if os.path.exists(path):
-      with open(path) as f:
-        old = json.load(f)
-      if old.get("fingerprint") == fingerprint:
-        records[spec.name] = old
-        log(f"[{spec.name}] done before: test acc {old['test_accuracy']}")
-        continue
-    record = train_run(config, spec, data, log=log)
-    record["fingerprint"] = fingerprint
-    with open(path, "w") as f:
-      json.dump(record, f, indent=1)
-    records[spec.name] = record
+  records = {spec.name: common.cached_run(
+      os.path.join(workdir, "runs", f"{spec.name}.json"),
+      common.fingerprint(config, spec._asdict(), ignore=NOT_FINGERPRINTED),
+      lambda spec=spec: train_run(config, spec, data, log=log), log=log)
+      for spec in specs}
   wall = time.perf_counter() - t0
 
   grid = {m: {str(b): records[f"{m}_b{b}"]["test_accuracy"]
@@ -338,8 +259,8 @@ def run_sweep(config, workdir: str, *, log=print) -> dict:
       "sweep_seconds_this_call": round(wall, 1),
       "device": str(jax.devices()[0]),
   }
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  common.write_json(os.path.join(workdir, "results.json"), results,
+                    significant_digits=None)
   plot_results(config, records, specs, workdir)
   log(format_table(config, grid))
   log(f"sweep wall time this call: {wall:.0f}s; results in "
@@ -363,12 +284,9 @@ _LABELS = {"bn": "BN", "gn": "GN", "brn": "BRN", "naive_cbn": "naive CBN",
 
 
 def plot_results(config, records, specs, workdir) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   # The paper's figure: accuracy vs batch size per iteration.
-  fig, ax = plt.subplots(figsize=(5.5, 4))
+  fig, axes = common.figure(1, width=5.5, height=4)
+  ax = axes[0, 0]
   sizes = list(config.batch_sizes)
   for m in config.methods:
     xs = [b for b in sizes if f"{m}_b{b}" in records]
@@ -384,9 +302,7 @@ def plot_results(config, records, specs, workdir) -> None:
   ax.set_title(f"{config.dataset}, {config.train_samples} train samples/run")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "accuracy_vs_batch.png"), dpi=100)
-  plt.close(fig)
+  common.save(fig, os.path.join(workdir, "accuracy_vs_batch.png"), dpi=100)
 
   # Ablation at one batch size, with BN / default CBN as references.
   b = config.ablation_batch_size
@@ -394,7 +310,8 @@ def plot_results(config, records, specs, workdir) -> None:
            if n in records]
   names += [s.name for s in specs if s.group == "ablation"]
   if len(names) > 1:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, axes = common.figure(1, width=6, height=3.5)
+    ax = axes[0, 0]
     accs = [records[n]["test_accuracy"] for n in names]
     labels = []
     for n in names:
@@ -411,13 +328,10 @@ def plot_results(config, records, specs, workdir) -> None:
     lo = min(100 * a for a in accs if a is not None) if any(
         a is not None for a in accs) else 0
     ax.set_ylim(max(lo - 10, 0), None)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "ablation.png"), dpi=100)
-    plt.close(fig)
+    common.save(fig, os.path.join(workdir, "ablation.png"), dpi=100)
 
   # Training loss against samples seen, one panel per batch size.
-  fig, axes = plt.subplots(1, len(sizes), figsize=(3 * len(sizes), 3),
-                           sharey=True, squeeze=False)
+  fig, axes = common.figure(len(sizes), width=3, height=3, sharey=True)
   for ax, bs in zip(axes[0], sizes):
     for m in config.methods:
       curve = records.get(f"{m}_b{bs}", {}).get("train_curve", [])
@@ -429,34 +343,8 @@ def plot_results(config, records, specs, workdir) -> None:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("train loss (window mean)")
   axes[0][-1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "train_curves.png"), dpi=80)
-  plt.close(fig)
-
-
-# ----------------------------------------------------------------------------
-# Command line.
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", os.path.join(".", "workdir", "experiments",
-                                            NAME), "Output directory.")
-flags.DEFINE_enum("scale", "cpu", SCALES, "cpu: the reduced scale that runs "
-                  "in ~12 min on 2 CPU cores; paper: the GPU setting.")
-config_flags.DEFINE_config_file(
-    "config", f"{DEFAULT_CONFIG}:{_scale_from_argv(sys.argv)}",
-    "Experiment config; override fields with --config.<key>=<value>.",
-    lock_config=True)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
-  if config.scale != FLAGS.scale:
-    raise app.UsageError(f"--scale={FLAGS.scale} but the config was built "
-                         f"for scale {config.scale!r}.")
-  run_sweep(config, FLAGS.workdir)
+  common.save(fig, os.path.join(workdir, "train_curves.png"), dpi=80)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_script(NAME, "exp_cbn_small_batch.py", run_sweep)

@@ -30,95 +30,49 @@ rerun skips runs whose JSON matches the current settings).
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
 import sys
 import time
-from typing import Optional
 
-from absl import app, flags
 import jax
-import jax.numpy as jnp
-import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(_HERE)
-if _REPO not in sys.path:  # run as a script from anywhere
-  sys.path.insert(0, _REPO)
+if _HERE not in sys.path:
+  sys.path.insert(0, _HERE)
 
+import common  # noqa: E402
 from bn_jax import precise_batch_stats  # noqa: E402
 from bn_jax.analysis import statistics_consistency  # noqa: E402
-from bn_jax.data import ArrayDataset, epoch_batches, load_dataset  # noqa: E402
-from bn_jax.models import create_model  # noqa: E402
-from bn_jax.training import (config_validation, input_pipeline, optim,  # noqa: E402
-                             steps, train_state)
+from bn_jax.training import input_pipeline  # noqa: E402
 
 NAME = "rethinking_batch"
-DEFAULT_CONFIG = os.path.join(_REPO, "configs", "exp_rethinking_batch.py")
-SCALES = ("cpu", "paper")
-
-
-def _scale_from_argv(argv) -> str:
-  """``--scale`` read before flag parsing: it picks the config's defaults,
-  which the ``--config.<key>`` overrides then change."""
-  for i, arg in enumerate(argv):
-    if arg.startswith("--scale="):
-      return arg.split("=", 1)[1]
-    if arg == "--scale" and i + 1 < len(argv):
-      return argv[i + 1]
-  return "cpu"
+# Config keys that select runs or only change logging: not in a run's
+# fingerprint, so changing them keeps the finished runs.
+NOT_FINGERPRINTED = ("log_every", "ema_momenta", "ghost_batch_sizes")
 
 
 # ----------------------------------------------------------------------------
 # Data, model, training pieces.
 
-def load_data(config) -> tuple[ArrayDataset, ArrayDataset]:
-  data_dir = config.data_dir or None
-  train = load_dataset(config.dataset, "train", data_dir=data_dir)
-  test = load_dataset(config.dataset, "test", data_dir=data_dir)
-  if config.train_subset > 0:
-    n = int(config.train_subset)
-    train = ArrayDataset(images=train.images[:n], labels=train.labels[:n],
-                         num_classes=train.num_classes, mean=train.mean,
-                         std=train.std, name=train.name, split="train")
-  return train, test
-
-
 def training_config(config):
-  """A :func:`bn_jax.training.base_config` for the library's optimizer,
-  schedule and input pipeline."""
-  t = config_validation.base_config()
-  t.dataset = config.dataset
-  t.seed = int(config.seed)
-  t.augment = bool(config.augment)
-  t.batch_size = int(config.batch_size)
-  t.eval_batch_size = int(config.eval_batch_size)
-  t.num_train_steps = int(config.num_train_steps)
-  t.optimizer = "sgd"
-  t.learning_rate = float(config.learning_rate)
-  t.momentum = float(config.momentum)
-  t.weight_decay = float(config.weight_decay)
-  t.schedule = config.schedule
-  t.warmup_steps = int(config.warmup_steps)
-  return t
+  """The library settings: optimizer, schedule and input pipeline."""
+  return common.library_config(
+      dataset=config.dataset, data_dir=config.data_dir, seed=int(config.seed),
+      augment=bool(config.augment), batch_size=int(config.batch_size),
+      eval_batch_size=int(config.eval_batch_size),
+      num_train_steps=int(config.num_train_steps), optimizer="sgd",
+      learning_rate=float(config.learning_rate),
+      momentum=float(config.momentum),
+      weight_decay=float(config.weight_decay), schedule=config.schedule,
+      warmup_steps=int(config.warmup_steps))
 
 
-def fixed_batches(ds: ArrayDataset, batch_size: int, limit: int) -> list:
-  """The first ``limit // batch_size`` full batches of ``ds`` in order
-  (normalized, no augmentation), as device arrays; reused at every
-  evaluation."""
-  out = []
-  for batch in epoch_batches(ds, batch_size, seed=0, epoch=0, shuffle=False,
-                             augment=False, remainder="drop"):
-    if len(out) * batch_size >= limit:
-      break
-    out.append({"image": jnp.asarray(batch["image"]),
-                "label": jnp.asarray(batch["label"])})
-  return out
+def load_data(config):
+  """Train (its first ``config.train_subset`` examples if > 0; the
+  normalization statistics stay the full train set's) and test splits."""
+  train, test = common.load_data(training_config(config))
+  return common.first_examples(train, config.train_subset), test
 
 
 def precise_batches(train_ds, tconfig, num: int, seed_offset: int) -> list:
@@ -126,8 +80,7 @@ def precise_batches(train_ds, tconfig, num: int, seed_offset: int) -> list:
   the training order)."""
   it = input_pipeline.train_iterator(train_ds, tconfig,
                                      seed_offset=1000 + seed_offset)
-  return [{"image": jnp.asarray(b["image"]), "label": jnp.asarray(b["label"])}
-          for _, b in zip(range(num), it)]
+  return [common.to_device(b) for _, b in zip(range(num), it)]
 
 
 def stats_divergence(ema, population) -> dict:
@@ -152,13 +105,6 @@ def stats_divergence(ema, population) -> dict:
           "var_abs_log_ratio": float(np.mean(np.concatenate(var_err)))}
 
 
-def _fingerprint(config, extra) -> str:
-  keys = {k: v for k, v in config.to_dict().items()
-          if k not in ("log_every", "ema_momenta", "ghost_batch_sizes")}
-  text = json.dumps([keys, extra], sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------
 # One run: train, evaluating at the requested steps.
 
@@ -170,19 +116,22 @@ def train_run(config, name: str, norm: str, norm_kwargs: dict, data,
   train_ds, _ = data
   tconfig = training_config(config)
   num_steps = int(config.num_train_steps)
-  model = create_model(config.model, num_classes=train_ds.num_classes,
-                       norm=norm, norm_kwargs=norm_kwargs,
-                       **config.model_kwargs.to_dict())
-  lr_fn = optim.create_learning_rate_fn(tconfig, num_steps)
-  tx = optim.create_optimizer(tconfig, lr_fn)
-  state = train_state.create_train_state(
-      jax.random.PRNGKey(config.seed), model, tx,
-      (tconfig.batch_size,) + tuple(train_ds.images.shape[1:]))
-  train_step = jax.jit(functools.partial(steps.train_step,
-                                         learning_rate_fn=lr_fn),
-                       donate_argnums=(0,))
+  model = common.build_model(config.model, num_classes=train_ds.num_classes,
+                             norm=norm, norm_kwargs=norm_kwargs,
+                             **config.model_kwargs.to_dict())
+  state, lr_fn, _ = common.init_training(
+      model, tconfig, num_train_steps=num_steps,
+      input_shape=(tconfig.batch_size,) + tuple(train_ds.images.shape[1:]),
+      seed=config.seed)
+  eval_steps = sorted(set(int(s) for s in eval_steps if 0 <= s <= num_steps))
+  evals = []
+  eval_seconds = 0.0
 
-  def evaluate(state, step):
+  def evaluate(step, state):
+    nonlocal eval_seconds
+    if step not in eval_steps:
+      return
+    t_eval = time.perf_counter()
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     population = precise_batch_stats(
         lambda v, b, **kw: model.apply(v, b["image"], **kw), variables,
@@ -195,35 +144,15 @@ def train_run(config, name: str, norm: str, norm_kwargs: dict, data,
     for set_name, batches in eval_sets.items():
       out[set_name] = statistics_consistency(
           model, variables, batches, population_stats=population)
-    return out
+    evals.append(out)
+    eval_seconds += time.perf_counter() - t_eval
 
-  evals = []
-  eval_steps = sorted(set(int(s) for s in eval_steps if 0 <= s <= num_steps))
   t0 = time.perf_counter()
-  eval_seconds = 0.0
-  if 0 in eval_steps:
-    te = time.perf_counter()
-    evals.append(evaluate(state, 0))
-    eval_seconds += time.perf_counter() - te
-  batches = input_pipeline.train_iterator(train_ds, tconfig)
-  curve, pending, status = [], [], "ok"
-  for step in range(1, num_steps + 1):
-    batch = next(batches)
-    state, metrics = train_step(state, {"image": batch["image"],
-                                        "label": batch["label"]})
-    pending.append((metrics["loss"], metrics["accuracy"]))
-    if step % config.log_every == 0 or step in eval_steps or (
-        step == num_steps):
-      host = np.asarray(jax.device_get(pending), np.float64)
-      pending = []
-      if not np.all(np.isfinite(host)):
-        status = f"diverged by step {step}"
-        break
-      curve.append((step, float(host[:, 0].mean()), float(host[:, 1].mean())))
-    if step in eval_steps:
-      te = time.perf_counter()
-      evals.append(evaluate(state, step))
-      eval_seconds += time.perf_counter() - te
+  evaluate(0, state)
+  state, curve, status, _ = common.train_stepwise(
+      common.jit_train_step(lr_fn), state,
+      input_pipeline.train_iterator(train_ds, tconfig), num_steps,
+      sync_every=config.log_every, sync_at=eval_steps, on_sync=evaluate)
   total = time.perf_counter() - t0
   record = dict(name=name, norm=norm, norm_kwargs=norm_kwargs, status=status,
                 num_steps=num_steps, train_curve=curve, evals=evals,
@@ -239,51 +168,37 @@ def train_run(config, name: str, norm: str, norm_kwargs: dict, data,
   return record
 
 
-def cached_run(config, workdir, name, fn, extra, log=print) -> dict:
-  path = os.path.join(workdir, "runs", f"{name}.json")
-  fingerprint = _fingerprint(config, extra)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old.get("fingerprint") == fingerprint:
-      log(f"[{name}] done before")
-      return old
-  record = fn()
-  record["fingerprint"] = fingerprint
-  with open(path, "w") as f:
-    json.dump(record, f, indent=1)
-  return record
-
-
 # ----------------------------------------------------------------------------
 # The two sweeps.
 
 def run_experiment(config, workdir: str, *, log=print) -> dict:
-  os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
   t0 = time.perf_counter()
   data = load_data(config)
   train_ds, test_ds = data
   eval_sets = {
-      "test": fixed_batches(test_ds, config.eval_batch_size,
-                            len(test_ds.labels)),
-      "train_subset": fixed_batches(train_ds, config.eval_batch_size,
-                                    config.train_eval_examples),
+      "test": common.leading_batches(test_ds, config.eval_batch_size,
+                                     len(test_ds.labels)),
+      "train_subset": common.leading_batches(
+          train_ds, config.eval_batch_size, config.train_eval_examples),
   }
   log(f"data: {config.dataset} train {train_ds.images.shape}, eval on "
       f"{sum(len(b['label']) for b in eval_sets['test'])} test / "
       f"{sum(len(b['label']) for b in eval_sets['train_subset'])} train "
       f"examples")
 
+  def cached(name, train, extra):
+    return common.cached_run(
+        os.path.join(workdir, "runs", f"{name}.json"),
+        common.fingerprint(config, extra, ignore=NOT_FINGERPRINTED), train,
+        log=log)
+
   ema_runs = {}
   for m in config.ema_momenta:
     name = f"ema_momentum_{m:g}"
-    ema_runs[str(m)] = cached_run(
-        config, workdir, name,
-        lambda m=m, name=name: train_run(
-            config, name, "bn", {"momentum": float(m)}, data,
-            {"test": eval_sets["test"]}, eval_steps=config.eval_steps,
-            log=log),
-        extra=["ema", m], log=log)
+    ema_runs[str(m)] = cached(name, lambda m=m, name=name: train_run(
+        config, name, "bn", {"momentum": float(m)}, data,
+        {"test": eval_sets["test"]}, eval_steps=config.eval_steps, log=log),
+                              ["ema", m])
 
   ghost_runs = {}
   for g in config.ghost_batch_sizes:
@@ -292,14 +207,11 @@ def run_experiment(config, workdir: str, *, log=print) -> dict:
                        f"config.batch_size={config.batch_size} and "
                        f"config.eval_batch_size={config.eval_batch_size}.")
     name = f"ghost_{g}"
-    ghost_runs[str(g)] = cached_run(
-        config, workdir, name,
-        lambda g=g, name=name: train_run(
-            config, name, "ghost",
-            {"ghost_batch_size": int(g),
-             "momentum": float(config.ghost_momentum)}, data, eval_sets,
-            eval_steps=(config.num_train_steps,), log=log),
-        extra=["ghost", g], log=log)
+    ghost_runs[str(g)] = cached(name, lambda g=g, name=name: train_run(
+        config, name, "ghost", {"ghost_batch_size": int(g),
+                                "momentum": float(config.ghost_momentum)},
+        data, eval_sets, eval_steps=(config.num_train_steps,), log=log),
+                                ["ghost", g])
   wall = time.perf_counter() - t0
 
   results = {"experiment": NAME, "config": config.to_dict(),
@@ -311,8 +223,8 @@ def run_experiment(config, workdir: str, *, log=print) -> dict:
                              ghost_runs.items()}}.items()},
              "wall_seconds_this_call": round(wall, 1),
              "device": str(jax.devices()[0])}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  common.write_json(os.path.join(workdir, "results.json"), results,
+                    significant_digits=None)
   plot_ema(ema_runs, os.path.join(workdir, "ema_vs_precise.png"))
   plot_ghost(config, results["ghost_batch"],
              os.path.join(workdir, "ghost_batch.png"))
@@ -415,17 +327,11 @@ def format_tables(results) -> str:
 # ----------------------------------------------------------------------------
 # Plots.
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
 def plot_ema(ema_runs, path) -> None:
-  plt = _plt()
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  import matplotlib
+  fig, axes = common.figure(2, width=5, height=3.8)
+  axes = axes[0]
+  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
   for i, (m, run) in enumerate(ema_runs.items()):
     evals = run["evals"]
     s = [max(e["step"], 1) for e in evals]   # step 0 drawn at 1 (log axis)
@@ -451,18 +357,16 @@ def plot_ema(ema_runs, path) -> None:
     ax.legend(fontsize=7)
   axes[0].set_title("evaluation statistics over training")
   axes[1].set_title("EMA vs population variance")
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  common.save(fig, path)
 
 
 def plot_ghost(config, ghost, path) -> None:
-  plt = _plt()
   gs = [g for g in ghost if "test_accuracy_ema" in ghost[g]]
   if not gs:
     return
   x = [int(g) for g in gs]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig, axes = common.figure(2, width=5, height=3.8)
+  axes = axes[0]
   for key, label, style in (
       ("test_accuracy_ema", "test, EMA stats", "o-"),
       ("test_accuracy_precise", "test, PreciseBN", "s--"),
@@ -486,34 +390,8 @@ def plot_ghost(config, ghost, path) -> None:
                   f"{config.batch_size}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-
-
-# ----------------------------------------------------------------------------
-# Command line.
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", os.path.join(".", "workdir", "experiments",
-                                            NAME), "Output directory.")
-flags.DEFINE_enum("scale", "cpu", SCALES, "cpu: the reduced scale (~10 min "
-                  "on 2 CPU cores); paper: the GPU setting.")
-config_flags.DEFINE_config_file(
-    "config", f"{DEFAULT_CONFIG}:{_scale_from_argv(sys.argv)}",
-    "Experiment config; override fields with --config.<key>=<value>.",
-    lock_config=True)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
-  if config.scale != FLAGS.scale:
-    raise app.UsageError(f"--scale={FLAGS.scale} but the config was built "
-                         f"for scale {config.scale!r}.")
-  run_experiment(config, FLAGS.workdir)
+  common.save(fig, path)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_script(NAME, "exp_rethinking_batch.py", run_experiment)

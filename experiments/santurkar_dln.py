@@ -22,7 +22,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
   sys.path.insert(0, _HERE)
 
-import bn_santurkar_lib as lib  # noqa: E402
+import common  # noqa: E402
 import santurkar_vgg as sv  # noqa: E402
 
 LABELS = {"none": "DLN", "bn": "DLN + BN"}
@@ -30,27 +30,16 @@ LABELS = {"none": "DLN", "bn": "DLN + BN"}
 
 def run_experiment(config, workdir: str) -> dict:
   t0 = time.perf_counter()
-  (data, train_ds, test_ds, device_data, probe,
-   measure_batches) = sv.setup_data(config, dataset="synthetic_gaussian")
-  runs = {}
-  for norm in config.norms:
-    label = LABELS.get(norm, norm)
-    runs[label] = sv.train_and_measure(
-        config, label=label, norm=norm, norm_kwargs=None,
-        model_name="deep_linear", model_kwargs=dict(config.model_kwargs),
-        data=data, train_ds=train_ds, test_ds=test_ds,
-        device_data=device_data, probe=probe,
-        measure_batches=measure_batches, ics=True, landscape=True)
-  summary = {label: {
-      "final_test_accuracy": r["final_test_accuracy"],
-      "max_test_accuracy": r["max_test_accuracy"], "status": r["status"],
-      "ics": sv.ics_summary(r["records"]),
-      "landscape": sv.landscape_summary(r["records"]),
-      "wall_seconds": r["wall_seconds"]} for label, r in runs.items()}
-  out = {"experiment": "santurkar_dln", "config": lib.to_dict(config),
-         "summary": summary, "runs": runs,
-         "total_wall_seconds": time.perf_counter() - t0}
-  lib.write_json(os.path.join(workdir, "results.json"), out)
+  _, runs = sv.measure_variants(
+      config, [sv.Variant(LABELS.get(norm, norm), norm, ics=True,
+                          landscape=True) for norm in config.norms],
+      dataset="synthetic_gaussian", model_name="deep_linear")
+  summary = {label: sv.run_summary(
+      r, ics=sv.ics_summary(r["records"]),
+      landscape=sv.landscape_summary(r["records"]))
+      for label, r in runs.items()}
+  out = {"experiment": "santurkar_dln", "config": common.to_dict(config),
+         "summary": summary, "runs": runs}
   title = (f"deep linear net, depth {config.model_kwargs.depth}, width "
            f"{config.model_kwargs.width}, {config.num_train_steps} steps")
   sv.plot_accuracy(runs, os.path.join(workdir, "accuracy.png"), title)
@@ -58,22 +47,14 @@ def run_experiment(config, workdir: str) -> dict:
                      f"ICS (Def. 2.1), {title}")
   sv.plot_landscape(runs, os.path.join(workdir, "landscape.png"),
                     f"landscape along the gradient, {title}")
-  for label, s in summary.items():
-    lib.log(f"{label}: acc {s['final_test_accuracy']:.4f}; ics "
-            f"{[(x['step'], round(x['mean_cosine'], 4), round(x['mean_l2_diff'], 5)) for x in s['ics']]}; "
-            f"landscape {s['landscape'].get('mean_after_init')}")
-  lib.log(f"wrote {workdir} in {out['total_wall_seconds']:.0f}s")
-  return out
+  ics = {label: [(x["step"], round(x["mean_cosine"], 4),
+                  round(x["mean_l2_diff"], 5)) for x in s["ics"]]
+         for label, s in summary.items()}
+  return common.save_results(workdir, out, t0, summary=[
+      f"{label}: acc {s['final_test_accuracy']:.4f}; ics {ics[label]}; "
+      f"landscape {s['landscape'].get('mean_after_init')}"
+      for label, s in summary.items()])
 
 
-def main(argv):
-  del argv
-  run_experiment(FLAGS.config, FLAGS.workdir)
-
-
-FLAGS = None
 if __name__ == "__main__":
-  from absl import app
-  FLAGS = lib.define_flags("santurkar_dln",
-                           lib.config_path("exp_santurkar_dln.py"))
-  app.run(main)
+  common.run_script("santurkar_dln", "exp_santurkar_dln.py", run_experiment)

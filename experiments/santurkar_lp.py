@@ -24,7 +24,7 @@ if _HERE not in sys.path:
 
 import numpy as np  # noqa: E402
 
-import bn_santurkar_lib as lib  # noqa: E402
+import common  # noqa: E402
 import santurkar_vgg as sv  # noqa: E402
 
 
@@ -32,58 +32,39 @@ def p_label(p: float) -> str:
   return "l_inf" if math.isinf(p) else f"l_{p:g}"
 
 
+def variants(config) -> list[sv.Variant]:
+  """BN (if ``config.include_bn``), then l_p for every p of ``config.ps``."""
+  return ([sv.Variant("BN", "bn")] if config.include_bn else []) + [
+      sv.Variant(p_label(p), "lp", {"p": float(p)}) for p in config.ps]
+
+
 def run_experiment(config, workdir: str) -> dict:
   t0 = time.perf_counter()
-  (data, train_ds, test_ds, device_data, probe,
-   measure_batches) = sv.setup_data(config, dataset=config.dataset)
-  variants = ([("BN", "bn", None)] if config.include_bn else []) + [
-      (p_label(p), "lp", {"p": float(p)}) for p in config.ps]
-  runs = {}
-  for label, norm, kwargs in variants:
-    runs[label] = sv.train_and_measure(
-        config, label=label, norm=norm, norm_kwargs=kwargs, model_name="vgg",
-        model_kwargs=dict(config.model_kwargs), data=data, train_ds=train_ds,
-        test_ds=test_ds, device_data=device_data, probe=probe,
-        measure_batches=measure_batches, ics=False, landscape=False)
+  data, runs = sv.measure_variants(config, variants(config),
+                                   dataset=config.dataset, model_name="vgg")
   summary = {}
   for label, r in runs.items():
     kurt = r["records"][-1]["kurtosis"]
-    summary[label] = {
-        "final_test_accuracy": r["final_test_accuracy"],
-        "max_test_accuracy": r["max_test_accuracy"], "status": r["status"],
-        "final_train_accuracy": (r["train_curve"][-1][2]
+    summary[label] = sv.run_summary(
+        r, final_train_accuracy=(r["train_curve"][-1][2]
                                  if r["train_curve"] else None),
-        "final_mean_excess_kurtosis": float(np.mean(list(kurt.values()))),
-        "final_excess_kurtosis": kurt,
-        "stability": sv.stability_summary(r),
-        "wall_seconds": r["wall_seconds"]}
-  out = {"experiment": "santurkar_lp", "config": lib.to_dict(config),
-         "summary": summary, "runs": runs,
-         "total_wall_seconds": time.perf_counter() - t0}
-  lib.write_json(os.path.join(workdir, "results.json"), out)
+        final_mean_excess_kurtosis=float(np.mean(list(kurt.values()))),
+        final_excess_kurtosis=kurt, stability=sv.stability_summary(r))
+  out = {"experiment": "santurkar_lp", "config": common.to_dict(config),
+         "summary": summary, "runs": runs}
   title = (f"l_p normalization vs BN: {config.model_kwargs.variant} "
-           f"x{config.model_kwargs.width_multiplier}, {len(train_ds.labels)} "
-           f"CIFAR-10 images, {config.num_train_steps} steps")
+           f"x{config.model_kwargs.width_multiplier}, "
+           f"{len(data.train_ds.labels)} CIFAR-10 images, "
+           f"{config.num_train_steps} steps")
   sv.plot_accuracy(runs, os.path.join(workdir, "accuracy.png"), title)
   sv.plot_stability(runs, os.path.join(workdir, "stability.png"),
                     "pre-activation percentiles (training mode, probe batch)")
-  for label, s in summary.items():
-    lib.log(f"{label}: test acc {s['final_test_accuracy']:.4f} (max "
-            f"{s['max_test_accuracy']:.4f}), train acc "
-            f"{s['final_train_accuracy']}, mean excess kurtosis "
-            f"{s['final_mean_excess_kurtosis']:.3f}")
-  lib.log(f"wrote {workdir} in {out['total_wall_seconds']:.0f}s")
-  return out
+  return common.save_results(workdir, out, t0, summary=[
+      f"{label}: test acc {s['final_test_accuracy']:.4f} (max "
+      f"{s['max_test_accuracy']:.4f}), train acc {s['final_train_accuracy']}"
+      f", mean excess kurtosis {s['final_mean_excess_kurtosis']:.3f}"
+      for label, s in summary.items()])
 
 
-def main(argv):
-  del argv
-  run_experiment(FLAGS.config, FLAGS.workdir)
-
-
-FLAGS = None
 if __name__ == "__main__":
-  from absl import app
-  FLAGS = lib.define_flags("santurkar_lp",
-                           lib.config_path("exp_santurkar_lp.py"))
-  app.run(main)
+  common.run_script("santurkar_lp", "exp_santurkar_lp.py", run_experiment)

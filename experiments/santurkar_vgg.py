@@ -22,14 +22,15 @@ training batch:
   (for ``config.landscape_norms``).
 
 Writes ``results.json`` and ``accuracy.png``, ``stability.png``, ``ics.png``,
-``landscape.png`` into ``--workdir``. ``santurkar_lp.py`` reuses
-:func:`train_and_measure` for the l_p runs.
+``landscape.png`` into ``--workdir``. ``santurkar_dln.py`` and
+``santurkar_lp.py`` reuse :func:`measure_variants`, the summaries and plots.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
+from typing import NamedTuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -38,7 +39,7 @@ if _HERE not in sys.path:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bn_santurkar_lib as lib  # noqa: E402
+import common  # noqa: E402
 from bn_jax import analysis  # noqa: E402
 
 LABELS = {"none": "Standard", "bn": "Standard + BN", "noisy_bn": "BN + noise",
@@ -57,7 +58,7 @@ def make_instruments(model, tx, step_sizes, *, ics: bool, landscape: bool,
 
   ``method``: the instruments' ``'map'`` (sequential ``lax.map``) or
   ``'vmap'``; conv nets use ``'vmap'`` because XLA:CPU runs convolutions in a
-  loop body very slowly (see ``bn_santurkar_lib.Run``).
+  loop body very slowly (see ``common.Run``).
   """
   loss_fn = analysis.make_loss_fn(model, train=True)
 
@@ -94,20 +95,49 @@ def excess_kurtosis(intermediates) -> dict[str, float]:
   return out
 
 
-def train_and_measure(config, *, label: str, norm: str, norm_kwargs,
-                      model_name: str, model_kwargs: dict, data, train_ds,
-                      test_ds, device_data, probe, measure_batches,
-                      ics: bool, landscape: bool) -> dict:
-  """Trains one run, measuring at ``measurement_steps``; returns records."""
-  model = lib.build_model(model_name, num_classes=train_ds.num_classes,
-                          norm=norm, norm_kwargs=norm_kwargs, **model_kwargs)
-  train = lib.TrainSettings(
+class MeasureData(NamedTuple):
+  """What every run of a Santurkar script trains and is measured on."""
+  settings: object        # common.library_config: data, optimizer, schedule
+  train_ds: object
+  test_ds: object
+  device_data: tuple      # the normalized training set on the device
+  probe: dict             # fixed batch: pre-activation percentiles / drift
+  measure_batches: list   # one fixed batch per measurement point: ICS etc.
+
+
+def setup_data(config, *, dataset: str) -> MeasureData:
+  """Data, its device copy, the probe batch and the measurement batches."""
+  settings = common.library_config(
+      dataset=dataset, batch_size=config.batch_size, seed=config.seed,
+      data_dir=config.data_dir, eval_batch_size=config.eval_batch_size,
       learning_rate=config.learning_rate, momentum=config.momentum,
       weight_decay=config.weight_decay, schedule=config.schedule,
       decay_boundaries=tuple(config.decay_boundaries))
-  run = lib.Run(model, train, data, train_ds, test_ds,
-                num_train_steps=config.num_train_steps, seed=config.seed,
-                device_data=device_data, scan=config.scan)
+  if "synthetic" in config:
+    settings.synthetic = config.synthetic
+  train_ds, test_ds = common.load_data(settings)
+  train_ds = common.subset(train_ds, config.train_subset, seed=config.seed)
+  test_ds = common.subset(test_ds, config.test_subset, seed=config.seed)
+  points = measurement_steps(config.num_train_steps, config.num_points)
+  return MeasureData(
+      settings, train_ds, test_ds, common.normalized_arrays(train_ds),
+      probe=common.fixed_batch(train_ds, config.probe_size, seed=1234),
+      measure_batches=[common.fixed_batch(train_ds, config.batch_size,
+                                          seed=2000 + k)
+                       for k in range(len(points))])
+
+
+def train_and_measure(config, data: MeasureData, *, label: str, norm: str,
+                      norm_kwargs, model_name: str, ics: bool,
+                      landscape: bool) -> dict:
+  """Trains one run (``model_name`` with ``config.model_kwargs``), measuring
+  at ``measurement_steps``; returns its records."""
+  model = common.build_model(model_name, num_classes=data.train_ds.num_classes,
+                             norm=norm, norm_kwargs=norm_kwargs,
+                             **dict(config.model_kwargs))
+  run = common.Run(model, data.settings, data.train_ds, data.test_ds,
+                   num_train_steps=config.num_train_steps, seed=config.seed,
+                   device_data=data.device_data, scan=config.scan)
   step_sizes = analysis.geometric_step_sizes(
       config.learning_rate * config.step_size_range[0],
       config.learning_rate * config.step_size_range[1],
@@ -118,30 +148,23 @@ def train_and_measure(config, *, label: str, norm: str, norm_kwargs,
   trackers = {f"layer{layer}": analysis.ActivationTracker(unit=0, layer=layer)
               for layer in config.tracked_layers}
   points = measurement_steps(config.num_train_steps, config.num_points)
-  records, train_curve = [], []
-  status = "ok"
+  records = []
   t0 = time.perf_counter()
   measure_seconds = 0.0
   for k, point in enumerate(points):
-    if point > run.step:
-      while run.step < point:
-        out = run.train(min(config.chunk_steps, point - run.step))
-        train_curve.append((run.step, out["train_loss"],
-                            out["train_accuracy"]))
-        if not out["finite"]:
-          status = f"diverged (non-finite loss) before step {run.step}"
-          break
-      if status != "ok":
-        break
+    for _ in run.train_chunks(point, config.chunk_steps):
+      pass
+    if run.status != "ok":
+      break
     t1 = time.perf_counter()
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 99), point)
-    batch = dict(measure_batches[k], rng=rng)
+    batch = dict(data.measure_batches[k], rng=rng)
     rec = {"step": run.step}
     if ics or landscape:
       rec.update(analysis.to_python(jax.device_get(measure(
           run.state.params, run.state.batch_stats, run.state.opt_state,
           batch))))
-    inter = capture(run.variables, probe["image"], rng)
+    inter = capture(run.variables, data.probe["image"], rng)
     for name, tracker in trackers.items():
       for key, value in tracker.record(run.step, inter).items():
         rec[f"{name}/{key}"] = value
@@ -149,14 +172,16 @@ def train_and_measure(config, *, label: str, norm: str, norm_kwargs,
     rec.update(run.evaluate())
     measure_seconds += time.perf_counter() - t1
     records.append(rec)
-    lib.log(f"[{label}] step {run.step}: test acc {rec['test_accuracy']:.4f}"
-            + (f", loss range {rec['landscape/loss_range']:.3g}, beta "
-               f"{rec['landscape/beta_smoothness']:.3g}" if landscape else "")
-            + (f", ics loss {rec['ics/loss']:.3g}" if ics else ""))
+    common.log(f"[{label}] step {run.step}: test acc "
+               f"{rec['test_accuracy']:.4f}"
+               + (f", loss range {rec['landscape/loss_range']:.3g}, beta "
+                  f"{rec['landscape/beta_smoothness']:.3g}" if landscape
+                  else "")
+               + (f", ics loss {rec['ics/loss']:.3g}" if ics else ""))
   wall = time.perf_counter() - t0
   return {"label": label, "norm": norm, "norm_kwargs": norm_kwargs,
-          "status": status, "records": records, "train_curve": train_curve,
-          "step_sizes": step_sizes,
+          "status": run.status, "records": records,
+          "train_curve": run.curve, "step_sizes": step_sizes,
           "trackers": {n: t.history() for n, t in trackers.items()},
           "final_test_accuracy": records[-1]["test_accuracy"],
           "max_test_accuracy": max(r["test_accuracy"] for r in records),
@@ -164,21 +189,34 @@ def train_and_measure(config, *, label: str, norm: str, norm_kwargs,
           "seconds_per_step": run.seconds_per_step()}
 
 
-def setup_data(config, *, dataset: str):
-  """Data, its device copy, the probe batch and the measurement batches."""
-  data = lib.DataSettings(dataset=dataset, batch_size=config.batch_size,
-                          seed=config.seed, data_dir=config.data_dir,
-                          eval_batch_size=config.eval_batch_size,
-                          synthetic=config.get("synthetic"))
-  train_ds, test_ds = lib.load_data(data)
-  train_ds = lib.subset(train_ds, config.train_subset, seed=config.seed)
-  test_ds = lib.subset(test_ds, config.test_subset, seed=config.seed)
-  device_data = lib.normalized_arrays(train_ds)
-  probe = lib.fixed_batch(train_ds, data, config.probe_size, seed=1234)
-  points = measurement_steps(config.num_train_steps, config.num_points)
-  measure_batches = [lib.fixed_batch(train_ds, data, config.batch_size,
-                                     seed=2000 + k) for k in range(len(points))]
-  return data, train_ds, test_ds, device_data, probe, measure_batches
+class Variant(NamedTuple):
+  """One run of a Santurkar script: a norm and which instruments it gets."""
+  label: str
+  norm: str
+  norm_kwargs: dict | None = None
+  ics: bool = False
+  landscape: bool = False
+
+
+def measure_variants(config, variants, *, dataset: str,
+                     model_name: str) -> tuple[MeasureData, dict]:
+  """:func:`setup_data` once, then :func:`train_and_measure` for every
+  :class:`Variant`; returns the data and ``{label: run}``."""
+  data = setup_data(config, dataset=dataset)
+  runs = {}
+  for v in variants:
+    runs[v.label] = train_and_measure(
+        config, data, label=v.label, norm=v.norm, norm_kwargs=v.norm_kwargs,
+        model_name=model_name, ics=v.ics, landscape=v.landscape)
+  return data, runs
+
+
+def run_summary(run: dict, **extra) -> dict:
+  """The accuracy and status of one run, ``extra``, and its wall time."""
+  return {"final_test_accuracy": run["final_test_accuracy"],
+          "max_test_accuracy": run["max_test_accuracy"],
+          "status": run["status"], **extra,
+          "wall_seconds": run["wall_seconds"]}
 
 
 # ---------------------------------------------------------------------------
@@ -238,7 +276,7 @@ def stability_summary(run: dict) -> dict:
 
 
 def plot_accuracy(runs: dict, path: str, title: str) -> str:
-  fig, axes = lib.figure(2)
+  fig, axes = common.figure(2)
   for label, run in runs.items():
     curve = np.asarray(run["train_curve"]) if run["train_curve"] else None
     if curve is not None:
@@ -253,13 +291,13 @@ def plot_accuracy(runs: dict, path: str, title: str) -> str:
     ax.grid(alpha=0.3)
   axes[0, 1].legend(fontsize=8)
   fig.suptitle(title)
-  return lib.save(fig, path)
+  return common.save(fig, path)
 
 
 def plot_stability(runs: dict, path: str, title: str) -> str:
   """Percentiles of unit 0 of each tracked layer (rows) per run (columns)."""
   tracker_names = list(next(iter(runs.values()))["trackers"])
-  fig, axes = lib.figure(len(runs), len(tracker_names), width=3.4,
+  fig, axes = common.figure(len(runs), len(tracker_names), width=3.4,
                          height=2.6)
   for c, (label, run) in enumerate(runs.items()):
     for r, name in enumerate(tracker_names):
@@ -272,13 +310,13 @@ def plot_stability(runs: dict, path: str, title: str) -> str:
       ax.tick_params(labelsize=7)
   axes[0, 0].legend(fontsize=6)
   fig.suptitle(title)
-  return lib.save(fig, path)
+  return common.save(fig, path)
 
 
 def plot_ics_curves(runs: dict, path: str, title: str) -> str:
   """Left: per-layer l2 / cosine at the last point (library plot_ics style);
   right: the layer-mean over training."""
-  fig, axes = lib.figure(3, width=4.0)
+  fig, axes = common.figure(3, width=4.0)
   width = 0.8 / max(len(runs), 1)
   for i, (label, run) in enumerate(runs.items()):
     rec = run["records"][-1]
@@ -302,9 +340,10 @@ def plot_ics_curves(runs: dict, path: str, title: str) -> str:
   axes[0, 1].set_xlabel("layer")
   axes[0, 2].set_xlabel("training step")
   axes[0, 0].set_yscale("log")
-  axes[0, 1].legend(fontsize=8)
+  if axes[0, 1].get_legend_handles_labels()[0]:  # no ICS measured: no legend
+    axes[0, 1].legend(fontsize=8)
   fig.suptitle(title)
-  return lib.save(fig, path)
+  return common.save(fig, path)
 
 
 def plot_landscape(runs: dict, path: str, title: str) -> str:
@@ -326,60 +365,43 @@ def plot_landscape(runs: dict, path: str, title: str) -> str:
 
 # ---------------------------------------------------------------------------
 
+def variants(config) -> list[Variant]:
+  """One :class:`Variant` per ``config.norms`` (noisy BN with
+  ``config.noise``)."""
+  return [Variant(LABELS.get(norm, norm), norm,
+                  dict(config.noise) if norm == "noisy_bn" else None,
+                  ics=norm in config.ics_norms,
+                  landscape=norm in config.landscape_norms)
+          for norm in config.norms]
+
+
 def run_experiment(config, workdir: str) -> dict:
   t0 = time.perf_counter()
-  (data, train_ds, test_ds, device_data, probe,
-   measure_batches) = setup_data(config, dataset=config.dataset)
-  runs = {}
-  for norm in config.norms:
-    label = LABELS.get(norm, norm)
-    kwargs = dict(config.noise) if norm == "noisy_bn" else None
-    runs[label] = train_and_measure(
-        config, label=label, norm=norm, norm_kwargs=kwargs,
-        model_name="vgg", model_kwargs=dict(config.model_kwargs), data=data,
-        train_ds=train_ds, test_ds=test_ds, device_data=device_data,
-        probe=probe, measure_batches=measure_batches, ics=True,
-        landscape=norm in config.landscape_norms)
-  summary = {label: {
-      "final_test_accuracy": r["final_test_accuracy"],
-      "max_test_accuracy": r["max_test_accuracy"], "status": r["status"],
-      "ics": ics_summary(r["records"]),
-      "landscape": landscape_summary(r["records"]),
-      "stability": stability_summary(r),
-      "wall_seconds": r["wall_seconds"],
-      "seconds_per_step": r["seconds_per_step"]} for label, r in runs.items()}
-  out = {"experiment": "santurkar_vgg", "config": lib.to_dict(config),
-         "summary": summary, "runs": runs,
-         "total_wall_seconds": time.perf_counter() - t0}
-  lib.write_json(os.path.join(workdir, "results.json"), out)
+  data, runs = measure_variants(config, variants(config),
+                                dataset=config.dataset, model_name="vgg")
+  summary = {label: run_summary(
+      r, ics=ics_summary(r["records"]),
+      landscape=landscape_summary(r["records"]),
+      stability=stability_summary(r),
+      seconds_per_step=r["seconds_per_step"]) for label, r in runs.items()}
+  out = {"experiment": "santurkar_vgg", "config": common.to_dict(config),
+         "summary": summary, "runs": runs}
   scale = (f"{config.model_kwargs.variant} x{config.model_kwargs.width_multiplier}"
-           f", {len(train_ds.labels)} CIFAR-10 train images, "
+           f", {len(data.train_ds.labels)} CIFAR-10 train images, "
            f"{config.num_train_steps} steps")
   plot_accuracy(runs, os.path.join(workdir, "accuracy.png"), scale)
   plot_stability(runs, os.path.join(workdir, "stability.png"),
                  "pre-activation percentiles (training mode, probe batch)")
   plot_ics_curves(runs, os.path.join(workdir, "ics.png"), "ICS (Def. 2.1)")
-  plot_landscape({k: v for k, v in runs.items()},
-                 os.path.join(workdir, "landscape.png"),
+  plot_landscape(runs, os.path.join(workdir, "landscape.png"),
                  f"landscape along the gradient, eta in lr x "
                  f"{tuple(config.step_size_range)}")
-  for label, s in summary.items():
-    lib.log(f"{label}: acc {s['final_test_accuracy']:.4f} (max "
-            f"{s['max_test_accuracy']:.4f}); ics {s['ics'][-1] if s['ics'] else None}; "
-            f"landscape {s['landscape'].get('mean_after_init')}; "
-            f"stability {s['stability']}")
-  lib.log(f"wrote {workdir} in {out['total_wall_seconds']:.0f}s")
-  return out
+  return common.save_results(workdir, out, t0, summary=[
+      f"{label}: acc {s['final_test_accuracy']:.4f} (max "
+      f"{s['max_test_accuracy']:.4f}); ics {(s['ics'] or [None])[-1]}; "
+      f"landscape {s['landscape'].get('mean_after_init')}; stability "
+      f"{s['stability']}" for label, s in summary.items()])
 
 
-def main(argv):
-  del argv
-  run_experiment(FLAGS.config, FLAGS.workdir)
-
-
-FLAGS = None
 if __name__ == "__main__":
-  from absl import app
-  FLAGS = lib.define_flags("santurkar_vgg",
-                           lib.config_path("exp_santurkar_vgg.py"))
-  app.run(main)
+  common.run_script("santurkar_vgg", "exp_santurkar_vgg.py", run_experiment)

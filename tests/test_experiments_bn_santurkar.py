@@ -1,11 +1,14 @@
-"""Tests of the BN-paper and Santurkar et al. experiment scripts.
+"""Tests of the BN-paper and Santurkar et al. experiment scripts and of
+``experiments/common.py``.
 
 The scripts' fast paths are checked against the library's plain pipeline
 (the device-resident index order against ``bn_jax.data.epoch_batches``; the
 scanned and per-step training loops against a loop of the library's
 ``train_step`` over ``input_pipeline.train_iterator`` batches), the small
 statistics against closed forms, and every script runs end to end at a tiny
-setting (scikit-learn digits / synthetic data: no download).
+setting (scikit-learn digits / synthetic data: no download). Compilation
+dominates on a CPU: the smoke tests use one-unit-wide conv layers (one
+kernel shape to initialize) and the fewest runs that reach every branch.
 """
 import json
 import math
@@ -21,34 +24,35 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 
-import bn_santurkar_lib as lib  # noqa: E402
+import common  # noqa: E402
 
 from bn_jax.training import input_pipeline, train_step  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def digits():
-  data = lib.DataSettings(dataset="digits", batch_size=32, seed=3,
-                          eval_batch_size=256)
-  train_ds, test_ds = lib.load_data(data)
+  data = common.library_config(dataset="digits", batch_size=32, seed=3,
+                               eval_batch_size=256, learning_rate=0.3,
+                               momentum=0.9)
+  train_ds, test_ds = common.load_data(data)
   return data, train_ds, test_ds
 
 
 def test_index_order_matches_library_pipeline(digits):
   data, train_ds, _ = digits
-  images, labels = lib.normalized_arrays(train_ds)
+  images, labels = common.normalized_arrays(train_ds)
   per_epoch = len(train_ds.labels) // data.batch_size
   reference = input_pipeline.train_iterator(train_ds, data)
-  ours = lib.epoch_index_batches(len(train_ds.labels), data.batch_size,
+  ours = common.epoch_index_batches(len(train_ds.labels), data.batch_size,
                                  seed=data.seed)
   # Two epochs and a bit: crosses an epoch boundary.
   for _ in range(2 * per_epoch + 3):
     ref, index = next(reference), next(ours)
     np.testing.assert_array_equal(np.asarray(images[index]), ref["image"])
     np.testing.assert_array_equal(np.asarray(labels[index]), ref["label"])
-  resumed = lib.epoch_index_batches(len(train_ds.labels), data.batch_size,
+  resumed = common.epoch_index_batches(len(train_ds.labels), data.batch_size,
                                     seed=data.seed, start_step=per_epoch + 2)
-  fresh = lib.epoch_index_batches(len(train_ds.labels), data.batch_size,
+  fresh = common.epoch_index_batches(len(train_ds.labels), data.batch_size,
                                   seed=data.seed)
   for _ in range(per_epoch + 2):
     next(fresh)
@@ -56,31 +60,30 @@ def test_index_order_matches_library_pipeline(digits):
 
 
 def test_training_paths_match_a_plain_library_loop(digits):
-  data, train_ds, test_ds = digits
-  model = lib.build_model("mlp", num_classes=10, norm="bn", hidden=(16, 16))
-  settings = lib.TrainSettings(learning_rate=0.3, momentum=0.9)
-  steps = 7
-  runs = [lib.Run(model, settings, data, train_ds, test_ds,
-                  num_train_steps=steps, scan=scan) for scan in (True, False)]
-  outs = [[r.train(4), r.train(3)] for r in runs]
+  settings, train_ds, test_ds = digits
+  model = common.build_model("mlp", num_classes=10, norm="bn", hidden=(8,))
+  steps = 6
+  runs = [common.Run(model, settings, train_ds, test_ds,
+                     num_train_steps=steps, scan=scan)
+          for scan in (True, False)]
+  outs = [[r.train(3), r.train(3)] for r in runs]
   # Reference: the library's train_step, one jitted step per batch of the
-  # library's own iterator.
-  ref = runs[0].__class__(model, settings, data, train_ds, test_ds,
-                          num_train_steps=steps)
-  state = ref.state
-  step = jax.jit(lambda s, b: train_step(s, b,
-                                         learning_rate_fn=ref.learning_rate_fn))
-  batches = input_pipeline.train_iterator(train_ds, data)
+  # library's own iterator, from the same initial state.
+  state, lr_fn, _ = common.init_training(
+      model, settings, num_train_steps=steps,
+      input_shape=(settings.batch_size,) + train_ds.images.shape[1:], seed=0)
+  step = jax.jit(lambda s, b: train_step(s, b, learning_rate_fn=lr_fn))
+  batches = input_pipeline.train_iterator(train_ds, settings)
   losses = []
   for _ in range(steps):
     b = next(batches)
     state, m = step(state, {"image": b["image"], "label": b["label"]})
     losses.append(float(m["loss"]))
-  for out in outs:
+  for run, out in zip(runs, outs):
     np.testing.assert_allclose(
         [out[0]["train_loss"], out[1]["train_loss"]],
-        [np.mean(losses[:4]), np.mean(losses[4:])], rtol=2e-5)
-  for run in runs:
+        [np.mean(losses[:3]), np.mean(losses[3:])], rtol=2e-5)
+    assert [c[0] for c in run.curve] == [3, 6] and run.status == "ok"
     for a, b in zip(jax.tree.leaves(run.state.params),
                     jax.tree.leaves(state.params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
@@ -88,20 +91,29 @@ def test_training_paths_match_a_plain_library_loop(digits):
   # Evaluation: exact count over the test set.
   ev = runs[0].evaluate()
   logits = model.apply(runs[0].variables,
-                       lib.normalized_arrays(test_ds)[0], train=False)
+                       common.normalized_arrays(test_ds)[0], train=False)
   expected = float(np.mean(np.argmax(np.asarray(logits), -1)
                            == test_ds.labels))
   assert ev["test_accuracy"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_small_helpers():
-  assert lib.steps_to_reach([0, 10, 20], [0.1, 0.5, 0.9], 0.5) == 10
-  assert lib.steps_to_reach([0, 10], [0.1, 0.2], 0.5) is None
-  assert lib.scale_from_argv(["x", "--scale", "paper"]) == "paper"
-  assert lib.scale_from_argv(["x", "--scale=cpu"]) == "cpu"
-  assert lib.scale_from_argv(["x"]) == "cpu"
+  assert common.steps_to_reach([0, 10, 20], [0.1, 0.5, 0.9], 0.5) == 10
+  assert common.steps_to_reach([0, 10], [0.1, 0.2], 0.5) is None
+  assert common.scale_from_argv(["x", "--scale", "paper"]) == "paper"
+  assert common.scale_from_argv(["x", "--scale=cpu"]) == "cpu"
+  assert common.scale_from_argv(["x"]) == "cpu"
   with pytest.raises(SystemExit, match="--scale"):
-    lib.scale_from_argv(["x", "--scale=gpu"])
+    common.scale_from_argv(["x", "--scale=gpu"])
+  assert [common.is_due(s, 4, 10) for s in (3, 4, 8, 9, 10)] == [
+      False, True, True, False, True]
+  settings = common.library_config(learning_rate=0.5, batch_size=7)
+  assert (settings.learning_rate, settings.batch_size) == (0.5, 7)
+  derived = common.library_config(settings, learning_rate=2.0)
+  assert (derived.learning_rate, derived.batch_size) == (2.0, 7)
+  assert settings.learning_rate == 0.5  # the base is copied, not changed
+  with pytest.raises(KeyError, match="learning_rat"):
+    common.library_config(learning_rat=0.1)
   import bn_learning_rates as blr
   assert blr.parse_run("bn/relu/x30") == ("bn", "relu", 30.0)
   for bad in ("bn/relu", "bn/relu/5", "bn/relu/x0", "bn/relu/xa"):
@@ -201,20 +213,47 @@ def test_santurkar_dln_smoke(tmp_path):
   assert (tmp_path / "ics.png").stat().st_size > 0
 
 
+def test_santurkar_variants():
+  import santurkar_lp
+  import santurkar_vgg
+  # The smoke test below trains one variant; here the mapping of every norm
+  # to its run (noisy BN gets config.noise; which runs get which
+  # instruments), without training.
+  config = _config("exp_santurkar_vgg", norms=("none", "bn", "noisy_bn"),
+                   ics_norms=("bn", "noisy_bn"), landscape_norms=("none",))
+  variants = santurkar_vgg.variants(config)
+  assert [(v.label, v.norm, v.ics, v.landscape) for v in variants] == [
+      ("Standard", "none", False, True), ("Standard + BN", "bn", True, False),
+      ("BN + noise", "noisy_bn", True, False)]
+  assert variants[0].norm_kwargs is None and variants[1].norm_kwargs is None
+  assert variants[2].norm_kwargs == {
+      "noise_mean_range": (-1.0, 1.0), "noise_std_range": (0.5, 1.5)}
+  config = _config("exp_santurkar_lp")
+  assert [(v.label, v.norm, v.norm_kwargs)
+          for v in santurkar_lp.variants(config)] == [
+              ("BN", "bn", None), ("l_1", "lp", {"p": 1.0}),
+              ("l_2", "lp", {"p": 2.0}), ("l_inf", "lp", {"p": math.inf})]
+
+
 def test_santurkar_vgg_and_lp_smoke(tmp_path):
   import santurkar_lp
   import santurkar_vgg
-  common = dict(dataset="digits", num_train_steps=2, chunk_steps=2,
-                num_points=2, probe_size=16, batch_size=8, eval_batch_size=64,
-                train_subset=64, test_subset=64,
-                **{"model_kwargs.width_multiplier": 0.0625})
-  config = _config("exp_santurkar_vgg", norms=("bn", "noisy_bn"),
-                   landscape_norms=("bn",), **common)
+  # Training, pre-activation capture, evaluation and plots of the conv
+  # scripts; the instruments (ICS, landscape) run in the DLN smoke test above
+  # (same train_and_measure code): compiling them for a VGG takes minutes.
+  # One-channel conv layers: every kernel has one shape, initialized once.
+  tiny = dict(dataset="digits", num_train_steps=2, chunk_steps=2,
+              num_points=2, probe_size=16, batch_size=8, eval_batch_size=64,
+              train_subset=64, test_subset=64,
+              **{"model_kwargs.width_multiplier": 1e-3})
+  config = _config("exp_santurkar_vgg", norms=("bn",), ics_norms=(),
+                   landscape_norms=(), **tiny)
   out = santurkar_vgg.run_experiment(config, str(tmp_path / "vgg"))
-  assert out["summary"]["Standard + BN"]["landscape"]["steps"] == [0, 2]
-  assert out["summary"]["BN + noise"]["landscape"] == {}
-  assert len(out["summary"]["BN + noise"]["ics"]) == 2
+  summary = out["summary"]["Standard + BN"]
+  assert summary["landscape"] == {} and summary["ics"] == []
+  assert set(summary["stability"]) == {f"conv_{i}/preact" for i in range(8)}
+  assert (tmp_path / "vgg" / "stability.png").stat().st_size > 0
   config = _config("exp_santurkar_lp", ps=(math.inf,), include_bn=False,
-                   **common)
+                   **tiny)
   out = santurkar_lp.run_experiment(config, str(tmp_path / "lp"))
   assert math.isfinite(out["summary"]["l_inf"]["final_mean_excess_kurtosis"])

@@ -12,6 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from bn_jax.data import load_dataset
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -83,19 +85,18 @@ def test_cbn_grid_and_norm_arguments(cbn_exp):
 def test_cbn_sweep_smoke(cbn_exp, tmp_path):
   config = _config(
       "exp_cbn_small_batch", dataset="digits", downsample=1, width=2,
-      methods=("bn", "cbn"), batch_sizes=(2,), cbn_window=2,
+      methods=("cbn",), batch_sizes=(2,), cbn_window=2,
       train_samples=8, eval_batch_size=360, ablation_windows=(),
       ablation_burn_in_fractions=(), ablation_batch_size=2, log_every=2,
       compilation_cache=False)
   results = cbn_exp.run_sweep(config, str(tmp_path), log=lambda *a: None)
   acc = results["test_accuracy"]
-  assert set(acc) == {"bn", "cbn"}
-  for value in (acc["bn"]["2"], acc["cbn"]["2"]):
-    assert 0.0 <= value <= 1.0
+  assert set(acc) == {"cbn"} and 0.0 <= acc["cbn"]["2"] <= 1.0
   run = results["runs"]["cbn_b2"]
-  assert run["num_steps"] == 4 and run["test_examples"] == 360
+  num_test = len(load_dataset("digits", "test").labels)
+  assert run["num_steps"] == 4 and run["test_examples"] == num_test
   assert run["norm_kwargs"]["burn_in"] == 1  # 0.25 * 4 steps
-  for png in ("accuracy_vs_batch.png", "ablation.png", "train_curves.png"):
+  for png in ("accuracy_vs_batch.png", "train_curves.png"):
     assert (tmp_path / png).stat().st_size > 0
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["test_accuracy"] == acc

@@ -147,18 +147,24 @@ def test_bad_nested_values_fail_naming_the_key():
     validate_config(config)
 
 
+def _parse_config_flags(argv):
+  # config_flags defines the --config.<key> flags from the argv it is given
+  # at declaration (sys.argv by default), as train.py's FLAGS do.
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      "config", os.path.join(REPO, "configs", "default.py"), flag_values=fv,
+      sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
 def test_unknown_command_line_override_is_rejected():
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      "config", os.path.join(REPO, "configs", "default.py"), flag_values=fv)
-  fv(["prog", "--config.batch_size=4", "--config.model_kwargs.hidden=(5,6)"])
-  assert fv.config.batch_size == 4
-  assert fv.config.model_kwargs.hidden == (5, 6)
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      "config", os.path.join(REPO, "configs", "default.py"), flag_values=fv)
-  with pytest.raises(flags.Error, match="batchsize"):
-    fv(["prog", "--config.batchsize=4"])
+  config = _parse_config_flags(
+      ["prog", "--config.batch_size=4", "--config.model_kwargs.hidden=(5,6)"])
+  assert config.batch_size == 4
+  assert config.model_kwargs.hidden == (5, 6)
+  with pytest.raises((AttributeError, flags.Error), match="batchsize"):
+    _parse_config_flags(["prog", "--config.batchsize=4"])
 
 
 # --------------------------------------------------------------- schedules

@@ -43,7 +43,6 @@ one-pass sums; forward mode and higher orders keep working. It holds for
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -76,8 +75,6 @@ def batch_norm_state(num_features, dtype=jnp.float32) -> BatchNormState:
 
 def feature_layout(x: jax.Array, axis):
   """(feature_axes, reduction_axes, feature_shape, broadcast_shape)."""
-  if not isinstance(axis, (numbers.Integral, tuple, list)):
-    raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.")
   feature_axes = validation.normalize_axes(axis, x.ndim, "axis")
   reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
   feature_shape = tuple(x.shape[a] for a in feature_axes)
@@ -108,10 +105,8 @@ def _check_ghost(x, axis, ghost_batch_size, axis_name) -> int:
   if axis_name is not None:
     raise ValueError("ghost_batch_size and axis_name cannot be combined: the "
                      "ghost batch is the normalization batch on one device.")
-  n = x.shape[0]
-  if n % g:
-    raise ValueError(f"ghost_batch_size={g} must divide the batch size "
-                     f"(x.shape[0]={n}).")
+  validation.check_divides(g, "ghost_batch_size", x.shape[0],
+                           f"the batch size (x.shape[0]={x.shape[0]})")
   return g
 
 
@@ -211,14 +206,20 @@ def normalize_with(x, mean, var, scale, bias, *, epsilon, broadcast_shape):
   return y.astype(x.dtype)
 
 
-def check_common(x, state, scale, bias, *, axis, momentum, epsilon):
-  """Validation shared by the batch-statistics normalizations."""
+def check_common(x, state, scale, bias, *, axis, momentum, epsilon,
+                 state_fields=("mean", "var")):
+  """Validation shared by the batch-statistics normalizations.
+
+  ``state_fields``: the feature-shaped entries of ``state`` (e.g. a step
+  counter is not one); returns ``feature_layout(x, axis)``.
+  """
   validation.check_floating(x)
   layout = feature_layout(x, axis)
   feature_shape = layout[2]
   if state is not None:
-    validation.check_feature_shape(state.mean, feature_shape, "state.mean")
-    validation.check_feature_shape(state.var, feature_shape, "state.var")
+    for field in state_fields:
+      validation.check_feature_shape(getattr(state, field), feature_shape,
+                                     f"state.{field}")
   validation.check_feature_shape(scale, feature_shape, "scale")
   validation.check_feature_shape(bias, feature_shape, "bias")
   validation.check_momentum(momentum)
@@ -332,6 +333,15 @@ def _train_normalize_jvp(cfg: _TrainConfig, primals, tangents):
                                        jnp.zeros_like(m.count))
 
 
+def with_moments(y, new_state, batch: Optional[Moments], return_moments: bool):
+  """``(y, new_state)``, or ``(y, new_state, batch)`` when ``return_moments``.
+
+  The return convention of the ``return_moments`` flag of the batch-statistics
+  functions (``batch`` is None in eval mode).
+  """
+  return (y, new_state, batch) if return_moments else (y, new_state)
+
+
 def _hashable_groups(axis_index_groups):
   if axis_index_groups is None:
     return None
@@ -353,6 +363,7 @@ def batch_norm(
     axis_index_groups=None,
     ghost_batch_size: Optional[int] = None,
     mask: Optional[jax.Array] = None,
+    return_moments: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
   """Batch-normalizes ``x``; returns ``(y, new_state)``.
 
@@ -374,15 +385,21 @@ def batch_norm(
     ghost_batch_size: normalize groups of this many samples along axis 0
       separately (ghost / virtual BN).
     mask: boolean, broadcastable to ``x``; True entries enter the statistics.
+    return_moments: also return the batch's statistics, as
+      ``batch_statistics`` computes them (the PreciseBN hook stores them),
+      without computing them a second time.
 
   Returns:
-    ``(y, new_state)``; in eval mode ``new_state is state``.
+    ``(y, new_state)``; in eval mode ``new_state is state``. With
+    ``return_moments``: ``(y, new_state, moments)``, ``moments`` a
+    ``Moments`` in train mode and None in eval mode.
   """
   _, reduction_axes, feature_shape, bshape = check_common(
       x, state, scale, bias, axis=axis, momentum=momentum, epsilon=epsilon)
   if not train:
-    return normalize_with(x, state.mean, state.var, scale, bias,
-                          epsilon=epsilon, broadcast_shape=bshape), state
+    y = normalize_with(x, state.mean, state.var, scale, bias, epsilon=epsilon,
+                       broadcast_shape=bshape)
+    return with_moments(y, state, None, return_moments)
   if ghost_batch_size is not None:
     ghost_batch_size = _check_ghost(x, axis, ghost_batch_size, axis_name)
   _check_enough_values(x, reduction_axes, ghost_batch_size, mask, axis_name)
@@ -408,4 +425,5 @@ def batch_norm(
   mean, var = running_inputs(batch, feature_shape,
                              grouped=ghost_batch_size is not None,
                              unbiased=unbiased_running_var)
-  return y, ema_update(state, mean, var, momentum=momentum)
+  return with_moments(y, ema_update(state, mean, var, momentum=momentum),
+                      batch, return_moments)

@@ -63,8 +63,9 @@ from jax import lax
 
 from bn_jax.core import validation
 from bn_jax.core.batch_norm import (BatchNormState, _check_enough_values,
-                                    affine, batch_statistics, check_common,
-                                    ema_update, normalize_with, running_inputs)
+                                    affine, batch_norm_state, batch_statistics,
+                                    check_common, ema_update, normalize_with,
+                                    running_inputs, with_moments)
 from bn_jax.core.moments import centered
 from bn_jax.core.validation import _is_static_number
 
@@ -84,17 +85,11 @@ class BatchRenormState(NamedTuple):
 
 
 def batch_renorm_state(num_features, dtype=jnp.float32) -> BatchRenormState:
-  """Initial state: mean 0, variance 1, step 0.
+  """Initial state: mean 0, variance 1 (as ``batch_norm_state``), step 0.
 
-  Args:
-    num_features: int, or the feature shape when ``axis`` names several axes.
-    dtype: dtype of the running statistics (keep float32 for bf16 models).
+  Arguments as :func:`bn_jax.core.batch_norm.batch_norm_state`.
   """
-  shape = (num_features,) if isinstance(num_features, int) else tuple(
-      num_features)
-  for s in shape:
-    validation.check_positive_int(s, "num_features")
-  return BatchRenormState(jnp.zeros(shape, dtype), jnp.ones(shape, dtype),
+  return BatchRenormState(*batch_norm_state(num_features, dtype),
                           jnp.zeros((), jnp.int32))
 
 
@@ -166,6 +161,7 @@ def batch_renorm(
     axis_name=None,
     axis_index_groups=None,
     mask: Optional[jax.Array] = None,
+    return_moments: bool = False,
 ) -> tuple[jax.Array, BatchRenormState]:
   """Batch-renormalizes ``x``; returns ``(y, new_state)``.
 
@@ -195,17 +191,21 @@ def batch_renorm(
     axis_name: SyncBN across this mapped axis (count-weighted).
     axis_index_groups: device groups for SyncBN.
     mask: boolean, broadcastable to ``x``; True entries enter the statistics.
+    return_moments: also return the batch moments ``mu_B``, ``sigma_B^2``
+      (as in ``batch_norm``).
 
   Returns:
-    ``(y, new_state)``; in eval mode ``new_state is state``.
+    ``(y, new_state)``; in eval mode ``new_state is state``. With
+    ``return_moments``: ``(y, new_state, moments)`` (None in eval mode).
   """
   _, reduction_axes, feature_shape, bshape = check_common(
       x, state, scale, bias, axis=axis, momentum=momentum, epsilon=epsilon)
   _check_schedule(warmup_steps, r_max_final, r_max_steps, d_max_final,
                   d_max_steps, r_max, d_max)
   if not train:
-    return normalize_with(x, state.mean, state.var, scale, bias,
-                          epsilon=epsilon, broadcast_shape=bshape), state
+    y = normalize_with(x, state.mean, state.var, scale, bias, epsilon=epsilon,
+                       broadcast_shape=bshape)
+    return with_moments(y, state, None, return_moments)
   _check_enough_values(x, reduction_axes, None, mask, axis_name)
   sched_r, sched_d = batch_renorm_limits(
       state.step, warmup_steps=warmup_steps, r_max_final=r_max_final,
@@ -231,4 +231,5 @@ def batch_renorm(
   mean, var = running_inputs(m, feature_shape, unbiased=unbiased_running_var)
   stats = ema_update(BatchNormState(state.mean, state.var), mean, var,
                      momentum=momentum)
-  return y, BatchRenormState(stats.mean, stats.var, state.step + 1)
+  return with_moments(y, BatchRenormState(stats.mean, stats.var,
+                                          state.step + 1), m, return_moments)

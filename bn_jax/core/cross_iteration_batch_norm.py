@@ -83,8 +83,12 @@ statistics).
 Burn-in: for the first ``burn_in`` training steps CBN normalizes exactly as
 ``batch_norm`` (the same shifted statistics and arithmetic). Entries ARE
 recorded during the last ``k - 1`` steps of burn-in, so the window is full at
-the switch; before that no Jacobian is computed at all (``lax.cond``), so
-burn-in costs what BN costs. Eval (``train=False``) normalizes with the
+the switch; before that, on GPU/TPU, no Jacobian is computed at all
+(``lax.cond``), so burn-in costs about what BN costs. On CPU the Jacobians
+are computed and discarded during early burn-in instead: XLA:CPU runs the
+weight-gradient convolutions inside a ``cond`` branch ~25x slower than at top
+level (see ``_compute_if``), which would make every recording step cost ~10x
+a BN step. Eval (``train=False``) normalizes with the
 running statistics, which are updated from the current batch (flax
 convention: ``momentum`` is the weight of the old value), or, with
 ``compensated_running_stats=True``, from ``mu_bar``/``sigma_bar^2`` once the
@@ -98,6 +102,15 @@ keeps the same window.
 
 Memory: per layer, ``3 (k - 1)`` weight-sized arrays (``theta``, both
 Jacobians) plus ``2 (k - 1) C`` statistics, as the official implementation.
+A jitted train step that donates the state updates the window in place (one
+slot written per step, no copy of the buffers; see ``_after``); its
+temporaries add one ``(k - 1)|theta|`` array per layer (``theta -
+theta_tau``) plus the two current Jacobians.
+
+Cost of a train step (``benchmarks/bench_cbn.py``, ``RESULTS.md``): BN's plus,
+per layer, the Jacobians (one weight-gradient convolution over the batch for
+``d sigma^2``, one over the batch-mean sample for ``d mu``) and the
+compensation (reads ``3 (k - 1)|theta|`` numbers).
 """
 from __future__ import annotations
 
@@ -360,6 +373,52 @@ def _jacobians(layer_fn, x, z, weight, mean_g, reduction_axes, *,
   return dmean, dvar
 
 
+def _compute_if(pred, compute, skip):
+  """``compute()`` if ``pred`` else ``skip()``, skipping the work off CPU.
+
+  On GPU/TPU this is ``lax.cond``: early in burn-in the Jacobians are not
+  computed at all. On CPU it computes unconditionally and selects, because
+  XLA:CPU canonicalizes convolutions to its fast (Eigen/oneDNN/YNNPACK)
+  layout only in the entry computation (``ConvCanonicalization`` visits
+  ``module->entry_computation()`` only): the weight-gradient convolutions of
+  the Jacobians inside a ``cond`` branch (or a ``while`` body) fall back to
+  XLA's naive loop emitter, ~25x slower (a 32x16x16x8 3x3 weight gradient:
+  0.85 ms at top level, 17-24 ms inside ``lax.cond``), which made a CBN train
+  step with ``burn_in > window - 1`` ~11x a BN step once recording started
+  (the small CIFAR ResNet of ``experiments/cbn_small_batch.py``, batch 32).
+  Computing the Jacobians during burn-in costs far less than that.
+  ``lax.platform_dependent`` resolves the choice at lowering time, so the
+  compiled CPU program contains no conditional.
+  """
+  def on_cpu():
+    taken, skipped = compute(), skip()
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), taken, skipped)
+
+  def elsewhere():
+    return lax.cond(pred, compute, skip)
+
+  return lax.platform_dependent(cpu=on_cpu, default=elsewhere)
+
+
+def _after(value, token):
+  """``value``, made data-dependent on the scalar ``token`` (same numbers).
+
+  The window buffers are read (compensation) and then overwritten one slot
+  in place with ``dynamic_update_slice``. When nothing orders the write after
+  the reads, XLA's copy insertion must keep the old buffer alive and copies
+  every window buffer (in a ``jax.grad`` train step: twice, ~2 x 3 (k-1)
+  |W| bytes written per step); ``lax.optimization_barrier`` does not help
+  on CPU (it is expanded away before copy insertion). Adding
+  ``0 * token`` (``token`` computed from the reads; a float ``0 * t`` is not
+  folded by XLA, as it would be NaN for ``t = inf``) gives the write a true
+  data dependency on the reads, and the update happens in place. ``token``
+  is zeroed when not finite, so ``value`` is returned unchanged.
+  """
+  token = lax.stop_gradient(token)
+  token = jnp.where(jnp.isfinite(token), token, jnp.zeros_like(token))
+  return value + (jnp.zeros((), value.dtype) * token.astype(value.dtype))
+
+
 def cross_iteration_batch_norm(
     layer_fn: Callable[[jax.Array, jax.Array], jax.Array],
     weight: jax.Array,
@@ -500,7 +559,7 @@ def cbn_forward(layer_fn, weight, x, state, scale=None, bias=None, *, train,
   x_c, z_c = lax.stop_gradient(x), lax.stop_gradient(z)
   mean_g = lax.stop_gradient(m.mean)
 
-  def compute(_):
+  def compute():
     dmean, dvar = _jacobians(layer_fn, x_c, z_c, w_now, mean_g,
                              reduction_axes, affine_in_x=affine_in_x,
                              axis_name=axis_name,
@@ -511,18 +570,20 @@ def cbn_forward(layer_fn, weight, x, state, scale=None, bias=None, *, train,
   first_record_step = burn_in - slots
   if first_record_step <= 0:  # always recording: no branch needed
     record = jnp.asarray(True)
-    dmean, dvar = compute(None)
+    dmean, dvar = compute()
   else:  # skip the Jacobians (the expensive part) early in burn-in
     record = state.step >= first_record_step
-    dmean, dvar = lax.cond(
-        record, compute,
-        lambda _: (jnp.zeros_like(w_now, state.window_dmean.dtype),
-                   jnp.zeros_like(w_now, state.window_dvar.dtype)), None)
+    dmean, dvar = _compute_if(record, compute, lambda: (
+        jnp.zeros_like(w_now, state.window_dmean.dtype),
+        jnp.zeros_like(w_now, state.window_dvar.dtype)))
   i = state.window_index
+  # Every window buffer was read above (compensation) and is overwritten in
+  # place below; make the writes depend on those reads (see _after).
+  reads_done = jnp.sum(mean_past) + jnp.sum(var_past)
 
   def write(buf, entry):
     # Write one slot in place; when not recording, write back what was there.
-    new = entry.astype(buf.dtype)
+    new = _after(entry.astype(buf.dtype), reads_done)
     if first_record_step > 0:
       old = lax.dynamic_slice(
           buf, (i,) + (jnp.zeros((), i.dtype),) * new.ndim,

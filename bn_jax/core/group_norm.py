@@ -61,17 +61,13 @@ def resolve_num_groups(channels: int, num_groups: Optional[int],
         "exactly one of num_groups and group_size must be given (pass "
         f"num_groups=None to use group_size), got num_groups={num_groups!r}, "
         f"group_size={group_size!r}.")
-  if group_size is not None:
-    group_size = validation.check_positive_int(group_size, "group_size")
-    if channels % group_size:
-      raise ValueError(f"group_size={group_size} must divide the number of "
-                       f"channels ({channels}).")
-    return channels // group_size
-  num_groups = validation.check_positive_int(num_groups, "num_groups")
-  if channels % num_groups:
-    raise ValueError(f"num_groups={num_groups} must divide the number of "
-                     f"channels ({channels}).")
-  return num_groups
+  name, value = (("group_size", group_size) if group_size is not None else
+                 ("num_groups", num_groups))
+  value = validation.check_positive_int(value, name)
+  validation.check_divides(value, name, channels,
+                           f"the number of channels ({channels})")
+  # channels / group_size groups, or num_groups groups.
+  return channels // value if name == "group_size" else value
 
 
 def group_norm(

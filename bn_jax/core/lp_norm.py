@@ -37,10 +37,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bn_jax.core import validation
 from bn_jax.core.batch_norm import (BatchNormState, _check_enough_values,
-                                    affine, batch_statistics, check_common,
-                                    ema_update, normalize_with)
+                                    affine, batch_norm_state, batch_statistics,
+                                    check_common, ema_update, normalize_with)
 from bn_jax.core.moments import centered
 
 
@@ -58,15 +57,10 @@ class LpNormState(NamedTuple):
 def lp_norm_state(num_features, dtype=jnp.float32) -> LpNormState:
   """Initial running statistics: mean 0 and norm 1.
 
-  Args:
-    num_features: int, or the feature shape when ``axis`` names several axes.
-    dtype: dtype of the running statistics (keep float32 for bf16 models).
+  The values of ``batch_norm_state`` (whose arguments it takes): a unit
+  variance is a unit l_2 norm.
   """
-  shape = (num_features,) if isinstance(num_features, int) else tuple(
-      num_features)
-  for s in shape:
-    validation.check_positive_int(s, "num_features")
-  return LpNormState(jnp.zeros(shape, dtype), jnp.ones(shape, dtype))
+  return LpNormState(*batch_norm_state(num_features, dtype))
 
 
 def canonical_p(p) -> Union[int, float]:
@@ -124,9 +118,8 @@ def lp_norm(
   """
   p = canonical_p(p)
   _, reduction_axes, feature_shape, bshape = check_common(
-      x, None, scale, bias, axis=axis, momentum=momentum, epsilon=epsilon)
-  validation.check_feature_shape(state.mean, feature_shape, "state.mean")
-  validation.check_feature_shape(state.norm, feature_shape, "state.norm")
+      x, state, scale, bias, axis=axis, momentum=momentum, epsilon=epsilon,
+      state_fields=LpNormState._fields)
   if not train:
     norm = jnp.asarray(state.norm, jnp.promote_types(state.norm.dtype,
                                                      jnp.float32))

@@ -86,6 +86,7 @@ def noisy_batch_norm(
     axis_index_groups=None,
     ghost_batch_size: Optional[int] = None,
     mask: Optional[jax.Array] = None,
+    return_moments: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
   """Batch norm followed (in training) by step-varying additive noise.
 
@@ -112,23 +113,27 @@ def noisy_batch_norm(
     axis_index_groups: device groups for SyncBN.
     ghost_batch_size: as in ``batch_norm`` (ghost / virtual BN).
     mask: as in ``batch_norm`` (True entries enter the statistics).
+    return_moments: as in ``batch_norm`` (the moments of ``x``; the noise
+      does not enter them).
 
   Returns:
     ``(y, new_state)``; the state update is batch norm's (noise does not
-    enter the running statistics).
+    enter the running statistics). With ``return_moments``:
+    ``(y, new_state, moments)``.
   """
   ranges = check_noise_ranges(noise_mean_range, noise_std_range)
   if train and key is None:
     raise ValueError("noisy_batch_norm needs a PRNG `key` in train mode (the "
                      "noise is re-drawn every step), got key=None. In flax "
                      "pass rngs={'noise': key}.")
-  y, new_state = batch_norm(
+  y, new_state, *batch = batch_norm(
       x, state, scale, bias, train=train, axis=axis, momentum=momentum,
       epsilon=epsilon, unbiased_running_var=unbiased_running_var,
       axis_name=axis_name, axis_index_groups=axis_index_groups,
-      ghost_batch_size=ghost_batch_size, mask=mask)
+      ghost_batch_size=ghost_batch_size, mask=mask,
+      return_moments=return_moments)
   if not train:
-    return y, new_state
+    return (y, new_state, *batch)
   _, _, feature_shape, bshape = feature_layout(x, axis)
   dtype = stats_dtype(x.dtype)
   key_mean, key_std, key_z = jax.random.split(key, 3)
@@ -138,4 +143,4 @@ def noisy_batch_norm(
   z = jax.random.normal(key_z, x.shape, dtype)
   noise = (jnp.reshape(noise_mean, bshape) +
            jnp.reshape(noise_std, bshape) * z)
-  return (y.astype(dtype) + noise).astype(x.dtype), new_state
+  return ((y.astype(dtype) + noise).astype(x.dtype), new_state, *batch)

@@ -33,8 +33,17 @@ def check_floating(x, name: str = "x") -> None:
 
 
 def normalize_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
-  """Turns an int or tuple of ints into sorted, non-negative, unique axes."""
-  axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+  """Turns an int or tuple of ints into sorted, non-negative, unique axes.
+
+  A list is accepted like a tuple; anything else (a float, a string, an
+  array) raises a TypeError naming ``name``.
+  """
+  if isinstance(axis, numbers.Integral):
+    axes = (axis,)
+  elif isinstance(axis, (tuple, list)):
+    axes = tuple(axis)
+  else:
+    raise TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}.")
   if not axes:
     raise ValueError(f"{name} must name at least one axis, got {axis!r}.")
   out = []
@@ -77,6 +86,13 @@ def check_feature_shape(array, expected: Sequence[int], name: str) -> None:
     raise ValueError(
         f"{name} has shape {shape} but the input has feature shape "
         f"{tuple(expected)} (the sizes of the feature axes).")
+
+
+def check_divides(divisor: int, name: str, total: int, what: str) -> None:
+  """Raises ValueError unless ``divisor`` (the argument ``name``) divides
+  ``total``; ``what`` describes ``total`` in the message."""
+  if total % divisor:
+    raise ValueError(f"{name}={divisor} must divide {what}.")
 
 
 def check_positive_int(value, name: str, *, minimum: int = 1) -> int:

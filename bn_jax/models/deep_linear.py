@@ -18,38 +18,30 @@ sown at ``intermediates/layer_i/preact`` so the analysis tools work unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
-
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from bn_jax.models import norms
 
 
-class DeepLinear(nn.Module):
+class DeepLinear(norms.NormSettings):
   """Deep linear network with an optional norm between layers.
 
   Attributes:
     num_classes: output size.
     depth: number of weight matrices (hidden layers + output layer), >= 1.
     width: hidden width.
-    norm, norm_kwargs, dtype, axis_name: see :mod:`bn_jax.models.norms`.
+    norm, norm_kwargs, dtype, axis_name: keyword-only, see
+      :class:`~bn_jax.models.norms.NormSettings`.
   """
   num_classes: int = 10
   depth: int = 25
   width: int = 100
-  norm: str = 'bn'
-  norm_kwargs: Optional[Mapping[str, Any]] = None
-  dtype: Any = jnp.float32
-  axis_name: Optional[str] = None
 
   def __post_init__(self):
     norms.check_model_args(self)
     for name in ('depth', 'width'):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name} must be an int >= 1, got {value!r}.')
+      norms.check_positive_int_attr(self, name)
     super().__post_init__()
 
   def layer_names(self) -> tuple[str, ...]:
@@ -63,8 +55,6 @@ class DeepLinear(nn.Module):
     x = x.reshape((x.shape[0], -1))
     for i in range(self.depth - 1):
       x = norms.DenseNorm(
-          self.width, norm=self.norm, norm_kwargs=self.norm_kwargs,
-          dtype=self.dtype, axis_name=self.axis_name,
-          activation=norms.ACTIVATIONS['identity'],
-          name=f'layer_{i}')(x, train=train)
+          self.width, activation=norms.ACTIVATIONS['identity'],
+          name=f'layer_{i}', **self.norm_settings())(x, train=train)
     return norms.logits_head(x, self.num_classes)

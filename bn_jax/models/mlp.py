@@ -21,16 +21,15 @@ sigmoid is sown at ``intermediates/hidden_i/preact`` (a 1-tuple per call).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from bn_jax.models import norms
 
 
-class MLP(nn.Module):
+class MLP(norms.NormSettings):
   """Fully connected classifier: flatten -> [Dense -> norm -> act] x L -> Dense.
 
   Attributes:
@@ -38,24 +37,18 @@ class MLP(nn.Module):
     hidden: widths of the hidden layers.
     activation: name of the nonlinearity (see ``norms.ACTIVATIONS``).
     kernel_init_std: standard deviation of the Gaussian weight init.
-    norm, norm_kwargs, dtype, axis_name: see :mod:`bn_jax.models.norms`.
+    norm, norm_kwargs, dtype, axis_name: keyword-only, see
+      :class:`~bn_jax.models.norms.NormSettings`.
   """
   num_classes: int = 10
   hidden: Sequence[int] = (100, 100, 100)
   activation: str = 'sigmoid'
   kernel_init_std: float = 0.1
-  norm: str = 'bn'
-  norm_kwargs: Optional[Mapping[str, Any]] = None
-  dtype: Any = jnp.float32
-  axis_name: Optional[str] = None
 
   def __post_init__(self):
     norms.check_model_args(self)
     norms.activation_fn(self.activation)
-    for width in self.hidden:
-      if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f'hidden must be a sequence of positive ints, got '
-                         f'{self.hidden!r}.')
+    norms.check_positive_ints_attr(self, 'hidden')
     if not (isinstance(self.kernel_init_std, (int, float))
             and self.kernel_init_std > 0):
       raise ValueError(f'kernel_init_std must be a number > 0, got '
@@ -77,8 +70,7 @@ class MLP(nn.Module):
     x = x.reshape((x.shape[0], -1))
     for i, width in enumerate(self.hidden):
       x = norms.DenseNorm(
-          width, norm=self.norm, norm_kwargs=self.norm_kwargs,
-          dtype=self.dtype, axis_name=self.axis_name, kernel_init=kernel_init,
+          width, kernel_init=kernel_init,
           activation=norms.activation_fn(self.activation),
-          name=f'hidden_{i}')(x, train=train)
+          name=f'hidden_{i}', **self.norm_settings())(x, train=train)
     return norms.logits_head(x, self.num_classes, kernel_init=kernel_init)

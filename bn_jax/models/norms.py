@@ -200,8 +200,28 @@ def _norm_layer(norm: str, kwargs: dict, *, features: int, train: bool,
   return cls(name=name, **kwargs)
 
 
-class _Block(nn.Module):
-  """Shared attributes of ConvNorm and DenseNorm."""
+class NormSettings(nn.Module, kw_only=True):
+  """The attributes every model and block shares (keyword-only).
+
+  Attributes:
+    norm: one of :data:`NORMS`.
+    norm_kwargs: extra constructor arguments of the norm module.
+    dtype: activation (computation) dtype; parameters are float32.
+    axis_name: mapped axis for cross-device statistics (SyncBN) or None.
+  """
+  norm: str = 'bn'
+  norm_kwargs: Optional[Mapping[str, Any]] = None
+  dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+
+  def norm_settings(self) -> dict:
+    """These attributes as keyword arguments, to pass on to a submodule."""
+    return dict(norm=self.norm, norm_kwargs=self.norm_kwargs, dtype=self.dtype,
+                axis_name=self.axis_name)
+
+
+class _Block(NormSettings):
+  """What ConvNorm and DenseNorm share: linear layer -> norm -> activation."""
 
   def _activate(self, y: jax.Array) -> jax.Array:
     if self.activation is None:
@@ -210,6 +230,30 @@ class _Block(nn.Module):
     # input of every nonlinearity from here.
     self.sow('intermediates', 'preact', y)
     return self.activation(y)
+
+  def _linear_norm_activation(self, x: jax.Array, *, train: bool,
+                              conv_geometry: Optional[dict]) -> jax.Array:
+    """Conv (with ``conv_geometry``: kernel_size, strides, padding) or Dense
+    (``conv_geometry=None``), then the norm, then the activation."""
+    kwargs = check_norm(self.norm, self.norm_kwargs)
+    conv = conv_geometry is not None
+    geometry = conv_geometry or {}
+    linear_args = dict(dtype=self.dtype, param_dtype=jnp.float32,
+                       kernel_init=self.kernel_init, **geometry)
+    if self.norm == 'cbn':
+      conv_cls, dense_cls = norm_module_classes('cbn')
+      y = (conv_cls if conv else dense_cls)(
+          features=self.features, use_running_average=not train,
+          axis_name=self.axis_name, name='cbn', **linear_args, **kwargs)(x)
+      return self._activate(y)
+    linear = nn.Conv if conv else nn.Dense
+    y = linear(self.features, use_bias=self.norm == 'none',
+               name='conv' if conv else 'dense', **linear_args)(x)
+    if self.norm != 'none':
+      y = _norm_layer(self.norm, kwargs, features=self.features, train=train,
+                      dtype=self.dtype, axis_name=self.axis_name,
+                      name='norm', conv=conv)(y)
+    return self._activate(y)
 
 
 class ConvNorm(_Block):
@@ -221,48 +265,28 @@ class ConvNorm(_Block):
     features: output channels.
     kernel_size: spatial size of the kernel.
     strides: spatial stride.
-    norm: one of :data:`NORMS`.
-    norm_kwargs: extra constructor arguments of the norm module.
-    dtype: activation (computation) dtype; parameters are float32.
-    axis_name: mapped axis for cross-device statistics (SyncBN) or None.
     kernel_init: initializer of the convolution kernel.
     padding: convolution padding.
     activation: applied after the norm when not None; its input is sown as
       ``intermediates/<path>/preact``.
+    norm, norm_kwargs, dtype, axis_name: keyword-only, see
+      :class:`NormSettings`.
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
   strides: Union[int, Sequence[int]] = 1
-  norm: str = 'bn'
-  norm_kwargs: Optional[Mapping[str, Any]] = None
-  dtype: Any = jnp.float32
-  axis_name: Optional[str] = None
   kernel_init: Callable = nn.initializers.kaiming_normal()
   padding: Any = 'SAME'
   activation: Activation = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    kwargs = check_norm(self.norm, self.norm_kwargs)
     strides = ((self.strides,) * len(self.kernel_size)
                if isinstance(self.strides, int) else tuple(self.strides))
-    if self.norm == 'cbn':
-      cls, _ = norm_module_classes('cbn')
-      y = cls(features=self.features, kernel_size=tuple(self.kernel_size),
-              strides=strides, padding=self.padding,
-              use_running_average=not train, dtype=self.dtype,
-              param_dtype=jnp.float32, kernel_init=self.kernel_init,
-              axis_name=self.axis_name, name='cbn', **kwargs)(x)
-      return self._activate(y)
-    y = nn.Conv(self.features, tuple(self.kernel_size), strides=strides,
-                padding=self.padding, use_bias=self.norm == 'none',
-                dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=self.kernel_init, name='conv')(x)
-    if self.norm != 'none':
-      y = _norm_layer(self.norm, kwargs, features=self.features, train=train,
-                      dtype=self.dtype, axis_name=self.axis_name,
-                      name='norm', conv=True)(y)
-    return self._activate(y)
+    return self._linear_norm_activation(
+        x, train=train,
+        conv_geometry=dict(kernel_size=tuple(self.kernel_size),
+                           strides=strides, padding=self.padding))
 
 
 class DenseNorm(_Block):
@@ -272,31 +296,12 @@ class DenseNorm(_Block):
   Attributes as :class:`ConvNorm`, without the convolution geometry.
   """
   features: int
-  norm: str = 'bn'
-  norm_kwargs: Optional[Mapping[str, Any]] = None
-  dtype: Any = jnp.float32
-  axis_name: Optional[str] = None
   kernel_init: Callable = nn.initializers.lecun_normal()
   activation: Activation = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    kwargs = check_norm(self.norm, self.norm_kwargs)
-    if self.norm == 'cbn':
-      _, cls = norm_module_classes('cbn')
-      y = cls(features=self.features, use_running_average=not train,
-              dtype=self.dtype, param_dtype=jnp.float32,
-              kernel_init=self.kernel_init, axis_name=self.axis_name,
-              name='cbn', **kwargs)(x)
-      return self._activate(y)
-    y = nn.Dense(self.features, use_bias=self.norm == 'none',
-                 dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=self.kernel_init, name='dense')(x)
-    if self.norm != 'none':
-      y = _norm_layer(self.norm, kwargs, features=self.features, train=train,
-                      dtype=self.dtype, axis_name=self.axis_name,
-                      name='norm', conv=False)(y)
-    return self._activate(y)
+    return self._linear_norm_activation(x, train=train, conv_geometry=None)
 
 
 def logits_head(x: jax.Array, num_classes: int, *, name: str = 'head',
@@ -332,6 +337,27 @@ def check_model_args(model: nn.Module) -> None:
     raise TypeError(f'axis_name must be a mapped axis name (str or tuple of '
                     f'str) or None, got {model.axis_name!r}.')
 
+
+def _is_positive_int(value) -> bool:
+  return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+def check_positive_int_attr(model: nn.Module, name: str) -> None:
+  """ValueError unless the attribute ``name`` of ``model`` is an int >= 1."""
+  value = getattr(model, name)
+  if not _is_positive_int(value):
+    raise ValueError(f'{name} must be an int >= 1, got {value!r}.')
+
+
+def check_positive_ints_attr(model: nn.Module, name: str, *,
+                             non_empty: bool = False) -> None:
+  """ValueError unless the attribute ``name`` of ``model`` is a sequence of
+  ints >= 1 (a non-empty one with ``non_empty``)."""
+  values = getattr(model, name)
+  if (non_empty and not values) or not all(
+      _is_positive_int(v) for v in values):
+    raise ValueError(f'{name} must be a {"non-empty " if non_empty else ""}'
+                     f'sequence of positive ints, got {values!r}.')
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {

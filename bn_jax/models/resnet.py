@@ -29,7 +29,7 @@ addition, ``intermediates/stage{s}_block{b}/preact``.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -40,7 +40,7 @@ from bn_jax.models import norms
 SHORTCUTS = ('A', 'B')
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(norms.NormSettings):
   """Two 3x3 conv -> norm layers with a residual connection.
 
   Attributes:
@@ -48,20 +48,16 @@ class BasicBlock(nn.Module):
     strides: stride of the first convolution (and of the shortcut).
     shortcut: 'A' (parameter-free: subsample + zero-pad channels) or 'B'
       (1x1 conv -> norm projection), used only when the shape changes.
-    norm, norm_kwargs, dtype, axis_name: see :mod:`bn_jax.models.norms`.
+    norm, norm_kwargs, dtype, axis_name: keyword-only, see
+      :class:`~bn_jax.models.norms.NormSettings`.
   """
   features: int
   strides: int = 1
   shortcut: str = 'B'
-  norm: str = 'bn'
-  norm_kwargs: Optional[Mapping[str, Any]] = None
-  dtype: Any = jnp.float32
-  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    common = dict(norm=self.norm, norm_kwargs=self.norm_kwargs,
-                  dtype=self.dtype, axis_name=self.axis_name)
+    common = self.norm_settings()
     y = norms.ConvNorm(self.features, (3, 3), strides=self.strides,
                        activation=nn.relu, name='conv1', **common)(
                            x, train=train)
@@ -86,7 +82,7 @@ class BasicBlock(nn.Module):
     return nn.relu(z)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(norms.NormSettings):
   """ResNet for 32x32 images (3x3 stem, no stem max-pool).
 
   Attributes:
@@ -94,30 +90,21 @@ class CifarResNet(nn.Module):
     stage_sizes: blocks per stage; stage s has ``width * 2**s`` channels.
     width: channels of the stem and the first stage.
     shortcut: 'A' or 'B' (see :class:`BasicBlock`).
-    norm, norm_kwargs, dtype, axis_name: see :mod:`bn_jax.models.norms`.
+    norm, norm_kwargs, dtype, axis_name: keyword-only, see
+      :class:`~bn_jax.models.norms.NormSettings`.
   """
   num_classes: int = 10
   stage_sizes: Sequence[int] = (3, 3, 3)
   width: int = 16
   shortcut: str = 'A'
-  norm: str = 'bn'
-  norm_kwargs: Optional[Mapping[str, Any]] = None
-  dtype: Any = jnp.float32
-  axis_name: Optional[str] = None
 
   def __post_init__(self):
     norms.check_model_args(self)
     if self.shortcut not in SHORTCUTS:
       raise ValueError(f'shortcut={self.shortcut!r} is not known; valid '
                        f'choices are {SHORTCUTS}.')
-    if isinstance(self.width, bool) or not isinstance(self.width, int) or (
-        self.width < 1):
-      raise ValueError(f'width must be an int >= 1, got {self.width!r}.')
-    if not self.stage_sizes or any(
-        isinstance(n, bool) or not isinstance(n, int) or n < 1
-        for n in self.stage_sizes):
-      raise ValueError(f'stage_sizes must be a non-empty sequence of positive '
-                       f'ints, got {self.stage_sizes!r}.')
+    norms.check_positive_int_attr(self, 'width')
+    norms.check_positive_ints_attr(self, 'stage_sizes', non_empty=True)
     super().__post_init__()
 
   def layer_names(self) -> tuple[str, ...]:
@@ -133,8 +120,7 @@ class CifarResNet(nn.Module):
     if x.ndim != 4:
       raise ValueError(f'CifarResNet expects NHWC images (4 dims), got shape '
                        f'{x.shape}.')
-    common = dict(norm=self.norm, norm_kwargs=self.norm_kwargs,
-                  dtype=self.dtype, axis_name=self.axis_name)
+    common = self.norm_settings()
     x = norms.ConvNorm(self.width, (3, 3), activation=nn.relu, name='stem',
                        **common)(x, train=train)
     for stage, num_blocks in enumerate(self.stage_sizes):

@@ -24,11 +24,10 @@ Convolutions use He-normal init (fan_in).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from bn_jax.models import norms
 
@@ -48,7 +47,7 @@ def scaled_width(width: int, multiplier: float) -> int:
   return max(1, int(round(width * multiplier)))
 
 
-class VGG(nn.Module):
+class VGG(norms.NormSettings):
   """CIFAR VGG with the normalization chosen by name.
 
   Attributes:
@@ -56,16 +55,13 @@ class VGG(nn.Module):
     variant: one of ``VGG_CONFIGS`` ('vgg11', 'vgg13', 'vgg16', 'vgg19').
     width_multiplier: scales every channel count / hidden width.
     classifier_hidden: widths of hidden Dense layers before the output layer.
-    norm, norm_kwargs, dtype, axis_name: see :mod:`bn_jax.models.norms`.
+    norm, norm_kwargs, dtype, axis_name: keyword-only, see
+      :class:`~bn_jax.models.norms.NormSettings`.
   """
   num_classes: int = 10
   variant: str = 'vgg11'
   width_multiplier: float = 1.0
   classifier_hidden: Sequence[int] = ()
-  norm: str = 'bn'
-  norm_kwargs: Optional[Mapping[str, Any]] = None
-  dtype: Any = jnp.float32
-  axis_name: Optional[str] = None
 
   def __post_init__(self):
     norms.check_model_args(self)
@@ -76,10 +72,7 @@ class VGG(nn.Module):
             and self.width_multiplier > 0):
       raise ValueError(f'width_multiplier must be a number > 0, got '
                        f'{self.width_multiplier!r}.')
-    for width in self.classifier_hidden:
-      if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f'classifier_hidden must be a sequence of positive '
-                         f'ints, got {self.classifier_hidden!r}.')
+    norms.check_positive_ints_attr(self, 'classifier_hidden')
     super().__post_init__()
 
   def layer_names(self) -> tuple[str, ...]:
@@ -96,9 +89,7 @@ class VGG(nn.Module):
     if x.ndim != 4:
       raise ValueError(f'VGG expects NHWC images (4 dims), got shape '
                        f'{x.shape}.')
-    common = dict(norm=self.norm, norm_kwargs=self.norm_kwargs,
-                  dtype=self.dtype, axis_name=self.axis_name,
-                  activation=nn.relu)
+    common = dict(activation=nn.relu, **self.norm_settings())
     conv_index = 0
     for item in VGG_CONFIGS[self.variant]:
       if item == 'M':

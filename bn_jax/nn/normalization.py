@@ -41,9 +41,10 @@ from bn_jax.core.batch_norm import (BatchNormState, batch_norm,
                                     feature_layout)
 from bn_jax.core.batch_renorm import batch_renorm, batch_renorm_state
 from bn_jax.core.frozen_batch_norm import frozen_batch_norm
-from bn_jax.core.group_norm import group_norm
-from bn_jax.core.layer_norm import layer_norm
+from bn_jax.core.group_norm import group_norm, group_norm_state
+from bn_jax.core.layer_norm import layer_norm, layer_norm_state
 from bn_jax.core.lp_norm import lp_norm, lp_norm_state
+from bn_jax.core.moments import Moments
 from bn_jax.core.noisy_batch_norm import noisy_batch_norm
 from bn_jax.core.precise_batch_norm import pool_moments
 
@@ -74,13 +75,28 @@ def _compute_input(x, out_dtype):
   return x.astype(jnp.promote_types(x.dtype, out_dtype))
 
 
-def _affine_params(module: nn.Module, feature_shape, *, use_scale, use_bias,
-                   scale_init, bias_init, param_dtype):
-  scale = module.param("scale", scale_init, feature_shape,
-                       param_dtype) if use_scale else None
-  bias = module.param("bias", bias_init, feature_shape,
-                      param_dtype) if use_bias else None
-  return scale, bias
+def _call_core(module: nn.Module, x, core_fn, param_shape, state, **kwargs):
+  """What every module shares: its parameters and the call of its core.
+
+  Creates ``params/scale`` and ``params/bias`` of ``param_shape`` (as the
+  module's ``use_scale``/``use_bias``/``*_init``/``param_dtype`` say), calls
+  ``core_fn(x, state, scale, bias, **kwargs)`` on the input in the compute
+  dtype and returns the core's outputs with ``y`` cast to the output dtype.
+  """
+  scale = module.param("scale", module.scale_init, param_shape,
+                       module.param_dtype) if module.use_scale else None
+  bias = module.param("bias", module.bias_init, param_shape,
+                      module.param_dtype) if module.use_bias else None
+  out_dtype = _output_dtype(x, scale, bias, module.dtype)
+  y, *rest = core_fn(_compute_input(x, out_dtype), state, scale, bias,
+                     **kwargs)
+  return (y.astype(out_dtype), *rest)
+
+
+def _state_variables(module: nn.Module, init_state) -> list:
+  """``batch_stats/<field>`` for every field of ``init_state`` (its values)."""
+  return [module.variable("batch_stats", name, lambda v=value: v)
+          for name, value in zip(init_state._fields, init_state)]
 
 
 def _train_batch_usable(x, axis, ghost_batch_size) -> bool:
@@ -102,9 +118,16 @@ def _train_batch_usable(x, axis, ghost_batch_size) -> bool:
   return count >= 2
 
 
+def _wants_batch_moments(module: nn.Module) -> bool:
+  """The PreciseBN hook is active: ``batch_moments`` mutable, not ``init``."""
+  return not module.is_initializing() and module.is_mutable_collection(
+      BATCH_MOMENTS)
+
+
 def store_batch_moments(module: nn.Module, x, *, axis, mask=None,
                         axis_name=None, axis_index_groups=None,
-                        ghost_batch_size=None) -> None:
+                        ghost_batch_size=None,
+                        moments: Optional[Moments] = None) -> None:
   """The PreciseBN hook: stores this batch's moments when asked to.
 
   Call it from a batch-statistics module in training mode. When the
@@ -115,14 +138,18 @@ def store_batch_moments(module: nn.Module, x, *, axis, mask=None,
   With ghost batches the groups' moments are pooled into the moments of the
   whole batch (law of total variance), so that the population statistics do
   not depend on how the batch was split for normalization.
+
+  ``moments``: the batch statistics of ``x`` if the caller has them already
+  (the ``return_moments=True`` output of the core functions, shaped as
+  :func:`bn_jax.core.batch_statistics` returns them); otherwise they are
+  computed here with ``batch_statistics`` and the other arguments.
   """
-  if module.is_initializing() or not module.is_mutable_collection(
-      BATCH_MOMENTS):
+  if not _wants_batch_moments(module):
     return
   feature_shape = _feature_shape(x, axis)
-  m = batch_statistics(x, axis=axis, mask=mask, axis_name=axis_name,
-                       axis_index_groups=axis_index_groups,
-                       ghost_batch_size=ghost_batch_size)
+  m = moments if moments is not None else batch_statistics(
+      x, axis=axis, mask=mask, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size)
   mean, var, count = m.mean, m.var, jnp.broadcast_to(m.count, m.mean.shape)
   if ghost_batch_size is not None:  # leading group axis: pool the groups
     mean, var, count = pool_moments(mean, var, count, axis=0)
@@ -135,61 +162,93 @@ def store_batch_moments(module: nn.Module, x, *, axis, mask=None,
   module.put_variable(BATCH_MOMENTS, "count", jax.lax.stop_gradient(count))
 
 
-def _batch_stats_norm(module: nn.Module, x, use_running_average, mask, *,
-                      core_fn, state_init, ghost_batch_size=None, extra=None,
-                      train_extra=None, batch_moments_hook=True):
-  """The body every batch-statistics module shares (state plumbing only).
+class _BatchStatsNorm(nn.Module):
+  """Attributes and ``__call__`` shared by the batch-statistics modules.
 
-  Creates ``batch_stats/<field>`` for every field of the core state
-  (``state_init(feature_shape)``), ``params/scale`` and ``params/bias``, calls
-  ``core_fn`` and, in training outside ``init``, writes the new state back and
-  runs the PreciseBN hook. ``extra`` are further keyword arguments of
-  ``core_fn``; ``train_extra()`` gives those needed only in training (an rng).
-  ``batch_moments_hook=False`` for state that is not a mean/variance pair.
+  The attributes are those of ``flax.linen.BatchNorm``. A subclass adds its
+  own attributes and sets (as class attributes, wrapped in ``staticmethod``)
+  ``_core_fn``, its :mod:`bn_jax.core` function, and ``_state_init``, the
+  constructor of that function's state, called with the feature shape and
+  float32; every field of the state becomes ``batch_stats/<field>``.
+  ``_core_kwargs(train)`` gives the further keyword arguments of ``_core_fn``
+  (with a ``ghost_batch_size`` attribute, pass it there too: ``init`` and the
+  PreciseBN hook read it). ``_stores_batch_moments = False`` turns the hook
+  off (state that is not a mean/variance pair); otherwise ``_core_fn`` must
+  accept ``return_moments``.
   """
-  use_running_average = nn.merge_param(
-      "use_running_average", module.use_running_average, use_running_average)
-  feature_shape = _feature_shape(x, module.axis)
-  init_state = state_init(feature_shape)
-  state_vars = [
-      module.variable("batch_stats", name, lambda v=value: v)
-      for name, value in zip(init_state._fields, init_state)]
-  scale, bias = _affine_params(
-      module, feature_shape, use_scale=module.use_scale,
-      use_bias=module.use_bias, scale_init=module.scale_init,
-      bias_init=module.bias_init, param_dtype=module.param_dtype)
-  out_dtype = _output_dtype(x, scale, bias, module.dtype)
+  use_running_average: Optional[bool] = None
+  axis: Any = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = nn.initializers.zeros
+  scale_init: Initializer = nn.initializers.ones
+  axis_name: Optional[str] = None
+  axis_index_groups: Any = None
 
-  initializing = module.is_initializing()
-  train = not use_running_average
-  if initializing and train:
-    train = _train_batch_usable(x, module.axis, ghost_batch_size)
-  # As flax: no cross-device reduction during init (the axis need not exist).
-  axis_name = None if initializing else module.axis_name
-  extra = dict(extra or {})
-  if ghost_batch_size is not None:
-    extra["ghost_batch_size"] = ghost_batch_size
-  if train and train_extra is not None:
-    extra.update(train_extra())
+  _stores_batch_moments = True
 
-  y, new_state = core_fn(
-      _compute_input(x, out_dtype), type(init_state)(*(v.value for v in
-                                                       state_vars)),
-      scale, bias, train=train, axis=module.axis, momentum=module.momentum,
-      epsilon=module.epsilon, axis_name=axis_name,
-      axis_index_groups=module.axis_index_groups, mask=mask, **extra)
-  if train and not initializing:
-    for var, value in zip(state_vars, new_state):
-      var.value = value
-    if batch_moments_hook:
-      store_batch_moments(module, x, axis=module.axis, mask=mask,
-                          axis_name=axis_name,
-                          axis_index_groups=module.axis_index_groups,
-                          ghost_batch_size=ghost_batch_size)
-  return y.astype(out_dtype)
+  def _core_kwargs(self, train: bool) -> dict:
+    """Keyword arguments of ``_core_fn`` beyond the shared ones."""
+    del train
+    return {}
+
+  @nn.compact
+  def __call__(self, x, use_running_average: Optional[bool] = None, *,
+               mask: Optional[jax.Array] = None):
+    """Normalizes ``x``; updates ``batch_stats`` in training mode.
+
+    Creates ``batch_stats/<field>`` for every field of the core state, and
+    ``params/scale``, ``params/bias``; in training outside ``init`` it writes
+    the new state back and runs the PreciseBN hook.
+
+    Args:
+      x: the input.
+      use_running_average: normalize with the running statistics (eval)
+        instead of the batch statistics (training).
+      mask: boolean, broadcastable to ``x``; True entries enter the batch
+        statistics (ignored with running averages, as in flax).
+    """
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    feature_shape = _feature_shape(x, self.axis)
+    init_state = self._state_init(feature_shape, jnp.float32)
+    state_vars = _state_variables(self, init_state)
+    initializing = self.is_initializing()
+    train = not use_running_average
+    # Only BatchNorm and NoisyBatchNorm have ghost batches.
+    ghost_batch_size = getattr(self, "ghost_batch_size", None)
+    if initializing and train:
+      train = _train_batch_usable(x, self.axis, ghost_batch_size)
+    kwargs = self._core_kwargs(train)
+    # The core returns the batch moments it normalized with, so the hook
+    # does not compute them a second time.
+    store_moments = (train and self._stores_batch_moments and
+                     _wants_batch_moments(self))
+    if store_moments:
+      kwargs["return_moments"] = True
+    state = type(init_state)(*(v.value for v in state_vars))
+    y, new_state, *batch = _call_core(
+        self, x, self._core_fn, feature_shape, state, train=train,
+        axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
+        # As flax: no cross-device reduction during init (the axis need not
+        # exist).
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=self.axis_index_groups, mask=mask, **kwargs)
+    if train and not initializing:
+      for var, value in zip(state_vars, new_state):
+        var.value = value
+    if store_moments:
+      store_batch_moments(self, x, axis=self.axis, mask=mask,
+                          ghost_batch_size=ghost_batch_size,
+                          moments=batch[0])
+    return y
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(_BatchStatsNorm):
   """Batch normalization; a drop-in replacement for ``flax.linen.BatchNorm``.
 
   Same attributes, variable names (``params/scale``, ``params/bias``,
@@ -209,42 +268,20 @@ class BatchNorm(nn.Module):
     y, updates = model.apply(variables, x, use_running_average=False,
                              mutable=['batch_stats'])
   """
-  use_running_average: Optional[bool] = None
-  axis: Any = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = nn.initializers.zeros
-  scale_init: Initializer = nn.initializers.ones
-  axis_name: Optional[str] = None
-  axis_index_groups: Any = None
   use_fast_variance: bool = True  # accepted for flax compatibility; unused
   unbiased_running_var: bool = False
   ghost_batch_size: Optional[int] = None
 
-  @nn.compact
-  def __call__(self, x, use_running_average: Optional[bool] = None, *,
-               mask: Optional[jax.Array] = None):
-    """Normalizes ``x``; updates ``batch_stats`` in training mode.
+  _core_fn = staticmethod(batch_norm)
+  _state_init = staticmethod(batch_norm_state)
 
-    Args:
-      x: the input.
-      use_running_average: normalize with the running statistics (eval)
-        instead of the batch statistics (training).
-      mask: boolean, broadcastable to ``x``; True entries enter the batch
-        statistics (ignored with running averages, as in flax).
-    """
-    return _batch_stats_norm(
-        self, x, use_running_average, mask, core_fn=batch_norm,
-        state_init=lambda shape: batch_norm_state(shape, jnp.float32),
-        ghost_batch_size=self.ghost_batch_size,
-        extra=dict(unbiased_running_var=self.unbiased_running_var))
+  def _core_kwargs(self, train: bool) -> dict:
+    del train
+    return dict(unbiased_running_var=self.unbiased_running_var,
+                ghost_batch_size=self.ghost_batch_size)
 
 
-class BatchRenorm(nn.Module):
+class BatchRenorm(_BatchStatsNorm):
   """Batch Renormalization (Ioffe, 2017) over :func:`bn_jax.core.batch_renorm`.
 
   Attributes and call signature as :class:`BatchNorm` (flax's BatchNorm),
@@ -257,18 +294,6 @@ class BatchRenorm(nn.Module):
   ``sigma_B^2``), whose population values are what BRN's running statistics
   estimate.
   """
-  use_running_average: Optional[bool] = None
-  axis: Any = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = nn.initializers.zeros
-  scale_init: Initializer = nn.initializers.ones
-  axis_name: Optional[str] = None
-  axis_index_groups: Any = None
   r_max: Optional[float] = None
   d_max: Optional[float] = None
   warmup_steps: int = 5000
@@ -278,21 +303,19 @@ class BatchRenorm(nn.Module):
   d_max_steps: int = 25000
   unbiased_running_var: bool = False
 
-  @nn.compact
-  def __call__(self, x, use_running_average: Optional[bool] = None, *,
-               mask: Optional[jax.Array] = None):
-    """Renormalizes ``x``; updates ``batch_stats`` in training mode."""
-    return _batch_stats_norm(
-        self, x, use_running_average, mask, core_fn=batch_renorm,
-        state_init=lambda shape: batch_renorm_state(shape, jnp.float32),
-        extra=dict(r_max=self.r_max, d_max=self.d_max,
-                   warmup_steps=self.warmup_steps,
-                   r_max_final=self.r_max_final, r_max_steps=self.r_max_steps,
-                   d_max_final=self.d_max_final, d_max_steps=self.d_max_steps,
-                   unbiased_running_var=self.unbiased_running_var))
+  _core_fn = staticmethod(batch_renorm)
+  _state_init = staticmethod(batch_renorm_state)
+
+  def _core_kwargs(self, train: bool) -> dict:
+    del train
+    return dict(r_max=self.r_max, d_max=self.d_max,
+                warmup_steps=self.warmup_steps, r_max_final=self.r_max_final,
+                r_max_steps=self.r_max_steps, d_max_final=self.d_max_final,
+                d_max_steps=self.d_max_steps,
+                unbiased_running_var=self.unbiased_running_var)
 
 
-class NoisyBatchNorm(nn.Module):
+class NoisyBatchNorm(_BatchStatsNorm):
   """Batch norm + step-varying noise (Santurkar et al., 2018, section 2.1).
 
   Wraps :func:`bn_jax.core.noisy_batch_norm`. Attributes and call signature
@@ -303,46 +326,31 @@ class NoisyBatchNorm(nn.Module):
   the input (the noise is added after normalization and does not enter the
   statistics).
   """
-  use_running_average: Optional[bool] = None
-  axis: Any = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = nn.initializers.zeros
-  scale_init: Initializer = nn.initializers.ones
-  axis_name: Optional[str] = None
-  axis_index_groups: Any = None
   noise_mean_range: tuple[float, float] = (-1.0, 1.0)
   noise_std_range: tuple[float, float] = (0.5, 1.5)
   unbiased_running_var: bool = False
   ghost_batch_size: Optional[int] = None
 
-  def _noise_key(self) -> dict:
-    if not self.has_rng("noise"):
-      raise ValueError(
-          f"NoisyBatchNorm ({'/'.join(self.scope.path) or 'top level'}) needs "
-          "the 'noise' rng stream in training: pass rngs={'noise': key} to "
-          "apply (a new key every step), or use_running_average=True.")
-    return {"key": self.make_rng("noise")}
+  _core_fn = staticmethod(noisy_batch_norm)
+  _state_init = staticmethod(batch_norm_state)
 
-  @nn.compact
-  def __call__(self, x, use_running_average: Optional[bool] = None, *,
-               mask: Optional[jax.Array] = None):
-    """Normalizes ``x`` and adds noise in training; updates ``batch_stats``."""
-    return _batch_stats_norm(
-        self, x, use_running_average, mask, core_fn=noisy_batch_norm,
-        state_init=lambda shape: batch_norm_state(shape, jnp.float32),
-        ghost_batch_size=self.ghost_batch_size,
-        extra=dict(noise_mean_range=tuple(self.noise_mean_range),
-                   noise_std_range=tuple(self.noise_std_range),
-                   unbiased_running_var=self.unbiased_running_var),
-        train_extra=self._noise_key)
+  def _core_kwargs(self, train: bool) -> dict:
+    kwargs = dict(noise_mean_range=tuple(self.noise_mean_range),
+                  noise_std_range=tuple(self.noise_std_range),
+                  unbiased_running_var=self.unbiased_running_var,
+                  ghost_batch_size=self.ghost_batch_size)
+    if train:
+      if not self.has_rng("noise"):
+        raise ValueError(
+            f"NoisyBatchNorm ({'/'.join(self.scope.path) or 'top level'}) "
+            "needs the 'noise' rng stream in training: pass rngs={'noise': "
+            "key} to apply (a new key every step), or "
+            "use_running_average=True.")
+      kwargs["key"] = self.make_rng("noise")
+    return kwargs
 
 
-class LpNorm(nn.Module):
+class LpNorm(_BatchStatsNorm):
   """l_p batch normalization (Santurkar et al., 2018) over
   :func:`bn_jax.core.lp_norm`.
 
@@ -355,28 +363,15 @@ class LpNorm(nn.Module):
   what ``norm`` holds (an average of per-batch l_p norms), so LpNorm layers
   keep their EMA statistics under ``precise_batch_stats``.
   """
-  use_running_average: Optional[bool] = None
   p: Any = 2
-  axis: Any = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = nn.initializers.zeros
-  scale_init: Initializer = nn.initializers.ones
-  axis_name: Optional[str] = None
-  axis_index_groups: Any = None
 
-  @nn.compact
-  def __call__(self, x, use_running_average: Optional[bool] = None, *,
-               mask: Optional[jax.Array] = None):
-    """Normalizes ``x`` by its l_p norm; updates ``batch_stats`` in training."""
-    return _batch_stats_norm(
-        self, x, use_running_average, mask, core_fn=lp_norm,
-        state_init=lambda shape: lp_norm_state(shape, jnp.float32),
-        extra=dict(p=self.p), batch_moments_hook=False)
+  _core_fn = staticmethod(lp_norm)
+  _state_init = staticmethod(lp_norm_state)
+  _stores_batch_moments = False
+
+  def _core_kwargs(self, train: bool) -> dict:
+    del train
+    return dict(p=self.p)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -406,30 +401,12 @@ class FrozenBatchNorm(nn.Module):
     """Normalizes ``x`` with the stored statistics (both modes)."""
     del use_running_average  # same computation in both modes
     feature_shape = _feature_shape(x, self.axis)
-    init_state = batch_norm_state(feature_shape, jnp.float32)
-    mean = self.variable("batch_stats", "mean", lambda: init_state.mean)
-    var = self.variable("batch_stats", "var", lambda: init_state.var)
-    scale, bias = _affine_params(
-        self, feature_shape, use_scale=self.use_scale, use_bias=self.use_bias,
-        scale_init=self.scale_init, bias_init=self.bias_init,
-        param_dtype=self.param_dtype)
-    out_dtype = _output_dtype(x, scale, bias, self.dtype)
-    y, _ = frozen_batch_norm(_compute_input(x, out_dtype),
-                             BatchNormState(mean.value, var.value), scale, bias,
-                             axis=self.axis, epsilon=self.epsilon)
-    return y.astype(out_dtype)
-
-def _stateless_norm(module: nn.Module, x, core_fn, param_shape, **kwargs):
-  """Params, output dtype and the core call shared by GroupNorm/LayerNorm."""
-  scale, bias = _affine_params(
-      module, param_shape, use_scale=module.use_scale,
-      use_bias=module.use_bias, scale_init=module.scale_init,
-      bias_init=module.bias_init, param_dtype=module.param_dtype)
-  out_dtype = _output_dtype(x, scale, bias, module.dtype)
-  # train is unused by the stateless norms; passed for the common signature.
-  y, _ = core_fn(_compute_input(x, out_dtype), scale=scale, bias=bias,
-                 train=True, **kwargs)
-  return y.astype(out_dtype)
+    state_vars = _state_variables(
+        self, batch_norm_state(feature_shape, jnp.float32))
+    y, _ = _call_core(self, x, frozen_batch_norm, feature_shape,
+                      BatchNormState(*(v.value for v in state_vars)),
+                      axis=self.axis, epsilon=self.epsilon)
+    return y
 
 
 class GroupNorm(nn.Module):
@@ -463,11 +440,12 @@ class GroupNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    channels = x.shape[self.axis]
-    return _stateless_norm(self, x, group_norm, (channels,),
-                           num_groups=self.num_groups,
-                           group_size=self.group_size, axis=self.axis,
-                           epsilon=self.epsilon)
+    # train is unused by the stateless norms; passed for the common signature.
+    y, _ = _call_core(self, x, group_norm, (x.shape[self.axis],),
+                      group_norm_state(), train=True,
+                      num_groups=self.num_groups, group_size=self.group_size,
+                      axis=self.axis, epsilon=self.epsilon)
+    return y
 
 
 class LayerNorm(nn.Module):
@@ -489,5 +467,7 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return _stateless_norm(self, x, layer_norm, _feature_shape(x, self.axis),
-                           axis=self.axis, epsilon=self.epsilon)
+    y, _ = _call_core(self, x, layer_norm, _feature_shape(x, self.axis),
+                      layer_norm_state(), train=True, axis=self.axis,
+                      epsilon=self.epsilon)
+    return y

@@ -12,7 +12,9 @@
   TensorBoard (tensorboardX), results table, matplotlib curves.
 * :mod:`~bn_jax.training.input_pipeline`,
   :mod:`~bn_jax.training.synthetic_data`: data for training.
-* :mod:`~bn_jax.training.analysis_hooks`: calls :mod:`bn_jax.analysis`.
+
+The analysis instruments are called from ``train.py`` through
+:mod:`bn_jax.analysis.training_hooks` (analysis sits above training).
 """
 from bn_jax.training.config_validation import base_config, validate_config
 from bn_jax.training.steps import eval_step, train_step

@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 0        # steps between checkpoints; 0 = at the end
   c.keep_checkpoints = 3
   c.save_checkpoints = True
-  c.precise_bn_batches = 0      # > 0: PreciseBN over this many train batches
+  c.precise_bn_batches = 0      # > 0: also evaluate with PreciseBN stats (this many train batches)
   c.analysis = ()               # subset of ANALYSES
   c.analysis_every = 0          # steps between analysis calls; 0 = never
   c.progress_bar = True

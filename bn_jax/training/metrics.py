@@ -121,7 +121,8 @@ def _fmt(value, spec: str) -> str:
 
 RESULT_COLUMNS = (
     ("norm", "norm", "s"),
-    ("test_accuracy", "test acc", ".4f"),
+    ("test_accuracy", "test acc (EMA stats)", ".4f"),
+    ("precise_bn_test_accuracy", "test acc (PreciseBN)", ".4f"),
     ("test_loss", "test loss", ".4f"),
     ("train_loss", "train loss", ".4f"),
     ("steps", "steps", "d"),

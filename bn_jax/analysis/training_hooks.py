@@ -27,7 +27,7 @@ import numpy as np
 
 def make_analysis_fn(config, model, tx) -> Callable[..., dict]:
   """``analysis_fn(state, batch) -> {name: float}`` for ``config.analysis``."""
-  from bn_jax import analysis  # top layer: imported only when asked for
+  from bn_jax import analysis
 
   names = tuple(config.analysis)
   loss_fn = analysis.make_loss_fn(model, train=True)
