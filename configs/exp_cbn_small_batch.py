@@ -40,9 +40,14 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
   # The grid: every method at every batch size (per step).
   c.methods = ("bn", "gn", "brn", "naive_cbn", "cbn")
   c.batch_sizes = (32, 16, 8, 4, 2)
-  # naive CBN and CBN only at batch sizes <= this (their step costs ~3x BN's
-  # at batch 2 and ~18x at batch 32 on XLA:CPU: the per-layer Jacobians).
-  c.cbn_max_batch_size = 8
+  # naive CBN and CBN only at batch sizes <= this: all of them. (An earlier
+  # run limited them to <= 8 because a step cost ~11-18x BN's on XLA:CPU. That
+  # was not the Jacobians but a lax.cond bug: XLA:CPU ran the weight-gradient
+  # convolutions inside the cond branch ~25x slower. Fixed in
+  # bn_jax/core/cross_iteration_batch_norm.py; a CBN step now costs ~1.4-1.5x
+  # BN's at batch 32 and ~2.1x at batch 2 for this model, see
+  # benchmarks/RESULTS.md, "## bench_cbn".)
+  c.cbn_max_batch_size = 32
   c.train_samples = 8192        # per run, whatever the batch size
   c.base_learning_rate = 0.1    # at base_batch_size; linear scaling
   c.base_batch_size = 32
@@ -78,7 +83,6 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.width = 64
     c.shortcut = "B"
     c.batch_sizes = (32, 16, 8, 4, 2, 1)
-    c.cbn_max_batch_size = 32
     c.train_samples = 1_500_000
     c.weight_decay = 1e-4
     c.gn_num_groups = 32

@@ -165,11 +165,13 @@ def load_data(config) -> tuple[ArrayDataset, ArrayDataset]:
   factor = int(config.downsample)
   train_images = downsample_images(train.images, factor)
   mean, std = channel_stats(train_images)
-  return tuple(dataclasses.replace(
-      ds, images=np.ascontiguousarray(images), mean=mean, std=std)
-               for ds, images in ((train, train_images),
-                                  (test, downsample_images(test.images,
-                                                           factor))))
+
+  def reduced(ds, images):
+    return dataclasses.replace(ds, images=np.ascontiguousarray(images),
+                               mean=mean, std=std)
+
+  return (reduced(train, train_images),
+          reduced(test, downsample_images(test.images, factor)))
 
 
 # ----------------------------------------------------------------------------

@@ -7,8 +7,10 @@ scanned and per-step training loops against a loop of the library's
 ``train_step`` over ``input_pipeline.train_iterator`` batches), the small
 statistics against closed forms, and every script runs end to end at a tiny
 setting (scikit-learn digits / synthetic data: no download). Compilation
-dominates on a CPU: the smoke tests use one-unit-wide conv layers (one
-kernel shape to initialize) and the fewest runs that reach every branch.
+dominates on a CPU: the tests compile with XLA's optimizations off
+(``common.unoptimized_compilation``), the smoke tests use one-unit-wide conv
+layers (one kernel shape to initialize) and the fewest runs that reach every
+branch.
 """
 import json
 import math
@@ -17,7 +19,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -27,6 +28,14 @@ sys.path.insert(0, os.path.join(REPO, "experiments"))
 import common  # noqa: E402
 
 from bn_jax.training import input_pipeline, train_step  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compilation():
+  # These tests' time is XLA compilation of tiny models (see
+  # common.unoptimized_compilation); what they check does not depend on it.
+  with common.unoptimized_compilation():
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +175,7 @@ def _config(module_name, **overrides):
 
 def test_bn_mnist_smoke(tmp_path):
   import bn_mnist
-  config = _config("exp_bn_mnist", dataset="digits", hidden=(16, 16),
+  config = _config("exp_bn_mnist", dataset="digits", hidden=(8,),
                    num_train_steps=20, chunk_steps=10, eval_every=10,
                    probe_size=64)
   out = bn_mnist.run_experiment(config, str(tmp_path))
@@ -184,7 +193,7 @@ def test_bn_mnist_smoke(tmp_path):
 
 def test_bn_learning_rates_smoke(tmp_path):
   import bn_learning_rates
-  config = _config("exp_bn_lr", dataset="digits", hidden=(16,),
+  config = _config("exp_bn_lr", dataset="digits", hidden=(8,),
                    num_train_steps=20, chunk_steps=10, eval_every=10,
                    runs=("bn/relu/x1", "none/relu/x1", "none/relu/x1e30"))
   out = bn_learning_rates.run_experiment(config, str(tmp_path))
@@ -246,10 +255,10 @@ def test_santurkar_vgg_and_lp_smoke(tmp_path):
               num_points=2, probe_size=16, batch_size=8, eval_batch_size=64,
               train_subset=64, test_subset=64,
               **{"model_kwargs.width_multiplier": 1e-3})
-  config = _config("exp_santurkar_vgg", norms=("bn",), ics_norms=(),
+  config = _config("exp_santurkar_vgg", norms=("noisy_bn",), ics_norms=(),
                    landscape_norms=(), **tiny)
   out = santurkar_vgg.run_experiment(config, str(tmp_path / "vgg"))
-  summary = out["summary"]["Standard + BN"]
+  summary = out["summary"]["BN + noise"]
   assert summary["landscape"] == {} and summary["ics"] == []
   assert set(summary["stability"]) == {f"conv_{i}/preact" for i in range(8)}
   assert (tmp_path / "vgg" / "stability.png").stat().st_size > 0

@@ -2,12 +2,18 @@
 
 A few steps on scikit-learn's 8x8 digits (no download), so CI keeps the
 scripts runnable; plus the pieces whose arithmetic can be checked exactly
-(downsampling, the run grid, the statistics divergence).
+(downsampling, the run grid, the statistics divergence, the step-wise
+training loop's bookkeeping, the resumable run cache of
+``experiments/common.py``). Compiled with XLA's optimizations off
+(``common.unoptimized_compilation``): compilation is these tests' time.
 """
 import importlib.util
 import json
+import math
 import pathlib
+import sys
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -15,6 +21,15 @@ import pytest
 from bn_jax.data import load_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+import common  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compilation():
+  with common.unoptimized_compilation():
+    yield
 
 
 def _load(name):
@@ -34,6 +49,67 @@ def _config(name, **overrides):
   for key, value in overrides.items():
     config[key] = value
   return config
+
+
+def test_train_stepwise_syncs_and_finds_the_diverging_step():
+  # A fake jitted step: the state counts steps, the losses are scripted.
+  losses = [1.0, 2.0, 3.0, 4.0, 5.0, math.nan, 7.0]
+
+  def step_fn(state, batch):
+    assert set(batch) == {"image", "label"}
+    return state + 1, {"loss": jnp.asarray(losses[state]),
+                       "accuracy": jnp.asarray(0.25 * (state % 2))}
+
+  batches = iter(lambda: {"image": 0, "label": 0, "mask": 1}, None)
+  synced = []
+  state, curve, status, first = common.train_stepwise(
+      step_fn, 0, batches, 5, sync_every=4, sync_at=(1,),
+      on_sync=lambda step, state: synced.append((step, state)))
+  # Syncs at step 1 (sync_at), 4 (every 4) and 5 (the last): window means.
+  # (accuracies 0.25 * (state % 2): 0 | 0.25, 0, 0.25 | 0)
+  assert curve == [(1, 1.0, 0.0), (4, 3.0, pytest.approx(0.5 / 3)),
+                   (5, 5.0, 0.0)]
+  assert synced == [(1, 1), (4, 4), (5, 5)] and state == 5
+  assert status == "ok" and first >= 0.0
+  state, curve, status, _ = common.train_stepwise(
+      step_fn, 0, batches, 7, sync_every=4)
+  # Step 6's loss is NaN: seen at the last sync (step 7), named exactly.
+  assert status == "diverged at step 6"
+  assert curve == [(4, 2.5, 0.125)] and state == 7
+
+
+def test_cached_run_and_fingerprint(tmp_path):
+  config = ml_collections.ConfigDict(dict(lr=0.1, log_every=10))
+  calls = []
+
+  def train():
+    calls.append(1)
+    return {"value": 1 / 3, "curve": [(1, 0.5)]}
+
+  def run(config):
+    return common.cached_run(
+        str(tmp_path / "runs" / "a.json"),
+        common.fingerprint(config, ["a", 1], ignore=("log_every",)), train,
+        log=lambda *a: None)
+
+  first = run(config)
+  assert calls == [1] and first["value"] == 1 / 3
+  config.log_every = 20  # not fingerprinted: the saved run is reused
+  again = run(config)
+  assert calls == [1] and again["value"] == 1 / 3  # exact, not rounded
+  assert again["fingerprint"] == first["fingerprint"]
+  config.lr = 0.2  # fingerprinted: trained again
+  assert run(config)["fingerprint"] != first["fingerprint"] and calls == [1, 1]
+
+
+def test_write_json_rounds_and_names_non_finite(tmp_path):
+  path = tmp_path / "x.json"
+  common.write_json(str(path), {"a": np.float32(1 / 3), "b": [1.5, math.inf],
+                                "c": np.arange(2)})
+  assert json.loads(path.read_text()) == {"a": 0.3333333, "b": [1.5, "inf"],
+                                          "c": [0, 1]}
+  common.write_json(str(path), {"a": 1 / 3}, significant_digits=None)
+  assert json.loads(path.read_text()) == {"a": 1 / 3}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +161,7 @@ def test_cbn_grid_and_norm_arguments(cbn_exp):
 def test_cbn_sweep_smoke(cbn_exp, tmp_path):
   config = _config(
       "exp_cbn_small_batch", dataset="digits", downsample=1, width=2,
+      stage_sizes=(1,),
       methods=("cbn",), batch_sizes=(2,), cbn_window=2,
       train_samples=8, eval_batch_size=360, ablation_windows=(),
       ablation_burn_in_fractions=(), ablation_batch_size=2, log_every=2,
