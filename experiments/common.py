@@ -28,7 +28,6 @@ The command line of every script is the same::
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -331,25 +330,6 @@ def train_stepwise(step_fn, state, batches: Iterator[dict], num_steps: int, *,
     if on_sync is not None:
       on_sync(step, state)
   return state, curve, status, first_step_seconds
-
-
-@contextlib.contextmanager
-def unoptimized_compilation():
-  """Inside the block XLA skips most optimization passes
-  (``jax_disable_most_optimizations``): for smoke runs of tiny models, whose
-  time is compilation (the experiments' smoke tests take ~2.5x less time).
-
-  The flag is not part of JAX's compilation cache key, so on exit it is
-  restored and every compilation cache cleared: no unoptimized executable
-  outlives the block.
-  """
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", previous)
-    jax.clear_caches()
 
 
 def jit_train_step(learning_rate_fn):

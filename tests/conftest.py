@@ -1,5 +1,6 @@
 """Test set-up: 8 simulated CPU devices (SyncBN / data-parallel tests) and
 paths to the offline datasets in ../shared/data."""
+import contextlib
 import os
 import pathlib
 
@@ -7,6 +8,7 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -20,3 +22,37 @@ def shared_data_dir() -> pathlib.Path:
     pytest.skip(f"offline datasets not found at {SHARED_DATA} (the project's "
                 "shared/ folder is not beside this checkout)")
   return SHARED_DATA
+
+
+@contextlib.contextmanager
+def _unoptimized_xla():
+  """XLA skips most optimization passes (``jax_disable_most_optimizations``):
+  for tests whose time is compiling tiny models (smoke and end-to-end tests,
+  ~2.5x less time; what they check -- finiteness, shapes, state plumbing --
+  does not depend on it).
+
+  The flag is not part of JAX's compilation cache key, so on exit it is
+  restored and every compilation cache cleared: no unoptimized executable
+  outlives the block (numerical tests elsewhere see optimized code).
+  """
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+    jax.clear_caches()
+
+
+@pytest.fixture
+def unoptimized_compilation():
+  """One test compiled without most XLA optimizations (see above)."""
+  with _unoptimized_xla():
+    yield
+
+
+@pytest.fixture(scope="module")
+def unoptimized_compilation_module():
+  """A whole test module compiled without most XLA optimizations."""
+  with _unoptimized_xla():
+    yield

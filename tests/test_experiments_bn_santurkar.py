@@ -8,7 +8,7 @@ scanned and per-step training loops against a loop of the library's
 statistics against closed forms, and every script runs end to end at a tiny
 setting (scikit-learn digits / synthetic data: no download). Compilation
 dominates on a CPU: the tests compile with XLA's optimizations off
-(``common.unoptimized_compilation``), the smoke tests use one-unit-wide conv
+(conftest.py's ``unoptimized_compilation_module`` fixture), the smoke tests use one-unit-wide conv
 layers (one kernel shape to initialize) and the fewest runs that reach every
 branch.
 """
@@ -31,11 +31,10 @@ from bn_jax.training import input_pipeline, train_step  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _fast_compilation():
-  # These tests' time is XLA compilation of tiny models (see
-  # common.unoptimized_compilation); what they check does not depend on it.
-  with common.unoptimized_compilation():
-    yield
+def _fast_compilation(unoptimized_compilation_module):
+  # These tests' time is XLA compilation of tiny models (see conftest.py);
+  # what they check does not depend on it.
+  yield
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ scripts runnable; plus the pieces whose arithmetic can be checked exactly
 (downsampling, the run grid, the statistics divergence, the step-wise
 training loop's bookkeeping, the resumable run cache of
 ``experiments/common.py``). Compiled with XLA's optimizations off
-(``common.unoptimized_compilation``): compilation is these tests' time.
+(conftest.py's ``unoptimized_compilation_module`` fixture): compilation is these tests' time.
 """
 import importlib.util
 import json
@@ -27,9 +27,10 @@ import common  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _fast_compilation():
-  with common.unoptimized_compilation():
-    yield
+def _fast_compilation(unoptimized_compilation_module):
+  # These tests' time is XLA compilation of tiny models (see conftest.py);
+  # what they check does not depend on it.
+  yield
 
 
 def _load(name):
