@@ -90,7 +90,31 @@ def _cbn_call(module: nn.Module, x, use_running_average, *, layer,
   return y.astype(out_dtype)
 
 
-class ConvCBN(nn.Module):
+class _CrossIterationNorm(nn.Module, kw_only=True):
+  """The CBN attributes :class:`ConvCBN` and :class:`DenseCBN` share
+  (keyword-only, so the layers' own ``features``/``kernel_size`` stay
+  positional as in ``flax.linen.Conv``/``Dense``)."""
+  use_running_average: Optional[bool] = None
+  window: int = DEFAULT_WINDOW
+  burn_in: int = 0
+  rho: float = 1.0
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  aggregation: str = "max"
+  compensated_running_stats: bool = False
+  unbiased_running_var: bool = False
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = nn.initializers.zeros
+  scale_init: Initializer = nn.initializers.ones
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  axis_name: Optional[str] = None
+  axis_index_groups: Any = None
+
+
+class ConvCBN(_CrossIterationNorm):
   """``Conv(use_bias=False)`` followed by Cross-Iteration Batch Norm.
 
   Attributes:
@@ -121,24 +145,6 @@ class ConvCBN(nn.Module):
   padding: Any = "SAME"
   kernel_dilation: Union[None, int, Sequence[int]] = 1
   feature_group_count: int = 1
-  use_running_average: Optional[bool] = None
-  window: int = DEFAULT_WINDOW
-  burn_in: int = 0
-  rho: float = 1.0
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  aggregation: str = "max"
-  compensated_running_stats: bool = False
-  unbiased_running_var: bool = False
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = nn.initializers.zeros
-  scale_init: Initializer = nn.initializers.ones
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  kernel_init: Initializer = nn.initializers.lecun_normal()
-  axis_name: Optional[str] = None
-  axis_index_groups: Any = None
 
   @nn.compact
   def __call__(self, x, use_running_average: Optional[bool] = None):
@@ -160,31 +166,13 @@ class ConvCBN(nn.Module):
                      kernel_shape=kernel_shape)
 
 
-class DenseCBN(nn.Module):
+class DenseCBN(_CrossIterationNorm):
   """``Dense(use_bias=False)`` followed by Cross-Iteration Batch Norm.
 
   Attributes as :class:`ConvCBN`, without the convolution geometry; the
   kernel is ``(in_features, features)`` (flax Dense).
   """
   features: int
-  use_running_average: Optional[bool] = None
-  window: int = DEFAULT_WINDOW
-  burn_in: int = 0
-  rho: float = 1.0
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  aggregation: str = "max"
-  compensated_running_stats: bool = False
-  unbiased_running_var: bool = False
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = nn.initializers.zeros
-  scale_init: Initializer = nn.initializers.ones
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  kernel_init: Initializer = nn.initializers.lecun_normal()
-  axis_name: Optional[str] = None
-  axis_index_groups: Any = None
 
   @nn.compact
   def __call__(self, x, use_running_average: Optional[bool] = None):
