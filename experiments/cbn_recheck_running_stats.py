@@ -23,7 +23,6 @@ import jax.numpy as jnp  # noqa: E402
 
 import cbn_small_batch as exp  # noqa: E402
 import common  # noqa: E402
-from bn_jax.models import CifarResNet  # noqa: E402
 from bn_jax.training import eval_step, input_pipeline  # noqa: E402
 
 NUM_REESTIMATION_STEPS = 300
@@ -35,16 +34,8 @@ def main(method: str, batch_size: int) -> None:
   train_ds, test_ds = exp.load_data(config)
   spec = next(s for s in exp.run_specs(config)
               if s.name == f"{method}_b{batch_size}")
-  num_steps = exp.num_steps_of(config, batch_size)
-  tconfig = exp.training_config(config, batch_size, num_steps)
-  norm, norm_kwargs = exp.norm_of(config, spec, num_steps)
-  model = CifarResNet(num_classes=train_ds.num_classes,
-                      stage_sizes=tuple(config.stage_sizes),
-                      width=int(config.width), shortcut=config.shortcut,
-                      norm=norm, norm_kwargs=norm_kwargs)
-  state, lr_fn, _ = common.init_training(
-      model, tconfig, num_train_steps=num_steps,
-      input_shape=(batch_size,) + train_ds.image_shape, seed=config.seed)
+  model, state, lr_fn, tconfig, num_steps, _, _ = exp.init_run(config, spec,
+                                                               train_ds)
   state, _, _, _ = common.train_stepwise(
       common.jit_train_step(lr_fn), state,
       input_pipeline.train_iterator(train_ds, tconfig), num_steps,

@@ -177,9 +177,9 @@ def load_data(config) -> tuple[ArrayDataset, ArrayDataset]:
 # ----------------------------------------------------------------------------
 # One run.
 
-def train_run(config, spec: RunSpec, data, *, log=print) -> dict:
-  """Trains one run from scratch and evaluates it; returns its record."""
-  train_ds, test_ds = data
+def init_run(config, spec: RunSpec, train_ds):
+  """The untrained model and state of one run, exactly as the sweep builds
+  them: ``(model, state, lr_fn, tconfig, num_steps, norm, norm_kwargs)``."""
   num_steps = num_steps_of(config, spec.batch_size)
   tconfig = training_config(config, spec.batch_size, num_steps)
   norm, norm_kwargs = norm_of(config, spec, num_steps)
@@ -190,6 +190,14 @@ def train_run(config, spec: RunSpec, data, *, log=print) -> dict:
   state, lr_fn, _ = common.init_training(
       model, tconfig, num_train_steps=num_steps,
       input_shape=(spec.batch_size,) + train_ds.image_shape, seed=config.seed)
+  return model, state, lr_fn, tconfig, num_steps, norm, norm_kwargs
+
+
+def train_run(config, spec: RunSpec, data, *, log=print) -> dict:
+  """Trains one run from scratch and evaluates it; returns its record."""
+  train_ds, test_ds = data
+  _, state, lr_fn, tconfig, num_steps, norm, norm_kwargs = init_run(
+      config, spec, train_ds)
   record = dict(spec._asdict(), norm=norm, norm_kwargs=norm_kwargs,
                 num_steps=num_steps, train_samples=num_steps * spec.batch_size,
                 learning_rate=tconfig.learning_rate,
