@@ -64,8 +64,16 @@ def _inputs(shape, dtype, seed=0):
   return x, scale, bias
 
 
-def make_ours(shape, dtype):
+def _jax_timer(loss, shape, dtype, state):
+  """A no-argument call timing one jitted value_and_grad of ``loss`` w.r.t.
+  (x, scale, bias) on the shared inputs, with ``state`` passed through."""
   x, scale, bias = _inputs(shape, dtype)
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  args = (jnp.asarray(x, dtype), jnp.asarray(scale), jnp.asarray(bias), state)
+  return lambda: jax.block_until_ready(step(*args))
+
+
+def make_ours(shape, dtype):
   state = bn_jax.batch_norm_state(shape[-1])
 
   def loss(x, scale, bias, state):
@@ -73,13 +81,10 @@ def make_ours(shape, dtype):
                                      momentum=MOMENTUM, epsilon=EPSILON)
     return jnp.sum(jnp.square(y.astype(jnp.float32))), new_state
 
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-  args = (jnp.asarray(x, dtype), jnp.asarray(scale), jnp.asarray(bias), state)
-  return lambda: jax.block_until_ready(step(*args))
+  return _jax_timer(loss, shape, dtype, state)
 
 
 def make_flax(shape, dtype, use_fast_variance):
-  x, scale, bias = _inputs(shape, dtype)
   # dtype=x's dtype: bf16 in, bf16 out, as bn_jax does (flax's default would
   # promote the output to float32 through its float32 scale and bias).
   module = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM,
@@ -93,9 +98,7 @@ def make_flax(shape, dtype, use_fast_variance):
         mutable=["batch_stats"])
     return jnp.sum(jnp.square(y.astype(jnp.float32))), updates
 
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-  args = (jnp.asarray(x, dtype), jnp.asarray(scale), jnp.asarray(bias), stats)
-  return lambda: jax.block_until_ready(step(*args))
+  return _jax_timer(loss, shape, dtype, stats)
 
 
 def make_torch(shape, dtype, torch):
