@@ -17,8 +17,10 @@ Restarting with the same workdir resumes every run from its last checkpoint.
 
 The file reads top to bottom: create the model and the train state, the
 jitted ``train_step``/``eval_step`` (from :mod:`bn_jax.training.steps`,
-single-device or data parallel with SyncBN), evaluation, the training loop,
-the comparison over norms, and ``main``.
+single-device or data parallel with SyncBN), evaluation, one norm's run (the
+library's :func:`bn_jax.training.loop.train_loop` with this file's hooks:
+logging, evaluation with PreciseBN, analysis, checkpoints, NaN stop), the
+comparison over norms, and ``main``.
 """
 from __future__ import annotations
 
@@ -26,20 +28,20 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Optional
 
 from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from ml_collections import config_flags
 import tqdm
 
 from bn_jax.analysis import training_hooks
 from bn_jax.training import (checkpoint, config_validation,
-                             input_pipeline, metrics as metrics_lib, optim,
-                             parallel, plots, train_state)
+                             input_pipeline, loop, metrics as metrics_lib,
+                             optim, parallel, plots, train_state)
 from bn_jax.training.train_state import TrainingDiverged
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,60 +70,43 @@ def create_model(config, norm: str, num_classes: int,
       axis_name=axis_name, **config.model_kwargs.to_dict())
 
 
-def create_state(config, model, *, input_shape, num_train_steps: int):
-  """``(state, learning_rate_fn, tx)``; the state is on the host's device."""
-  learning_rate_fn = optim.create_learning_rate_fn(config, num_train_steps)
-  tx = optim.create_optimizer(config, learning_rate_fn)
-  state = train_state.create_train_state(
-      jax.random.PRNGKey(config.seed), model, tx, input_shape)
-  return state, learning_rate_fn, tx
-
-
 # 2. train_step / eval_step: bn_jax.training.steps, jitted (state donated)
-#    by bn_jax.training.parallel.make_step_functions.
+#    by bn_jax.training.parallel.make_step_functions; the state:
+create_state = loop.create_state
 
-# 3. Evaluation: exact over the test set (padded last batch, masked).
+# 3. Evaluation: exact over the test set (padded last batch, masked), with
+#    the EMA statistics and, when config.precise_bn_samples > 0, PreciseBN's.
 
 def evaluate(step_fns: parallel.StepFunctions, state, test_ds, config) -> dict:
   """Test loss and accuracy with the running statistics (``train=False``)."""
-  totals = None
-  batches = input_pipeline.eval_iterator(test_ds, config)
-  for batch in _prefetch(batches, step_fns.batch_sharding):
-    sums = step_fns.eval_step(state, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals["count"]), 1.0)
-  return {"test_loss": float(totals["loss_sum"]) / count,
-          "test_accuracy": float(totals["correct"]) / count,
-          "test_examples": float(totals["count"])}
+  return loop.evaluate(step_fns.eval_step, state, _prefetch(
+      input_pipeline.eval_iterator(test_ds, config), step_fns.batch_sharding))
 
 
 def precise_bn_state(config, state, single_model, train_ds):
-  """The state with PreciseBN population statistics (Wu & Johnson, 2021)
-  over ``config.precise_bn_batches`` training batches, the weights frozen.
-  Used for evaluation only; training continues from the EMA statistics."""
-  from bn_jax import precise_batch_stats
-  if not jax.tree.leaves(state.batch_stats):
-    return state  # no batch-statistics layer (none/gn/ln)
+  """The state with PreciseBN population statistics over
+  ``config.precise_bn_samples`` training samples (in batches of
+  ``config.precise_bn_batch_size``, rounded up to whole batches) of a stream
+  other than the training order's
+  (:func:`bn_jax.training.loop.precise_bn_state`)."""
+  batch_size = min(config.precise_bn_batch_size, len(train_ds.images))
+  precise_config = ml_collections.ConfigDict(config.to_dict())
+  precise_config.batch_size = batch_size
   batches = input_pipeline.train_iterator(
-      train_ds, config, start_step=0,
+      train_ds, precise_config, start_step=0,
       seed_offset=1 + int(jax.device_get(state.step)))
-  batch_stats = precise_batch_stats(
-      lambda v, b, **kw: single_model.apply(v, b["image"], **kw),
-      {"params": state.params, "batch_stats": state.batch_stats},
-      (jax.tree.map(jnp.asarray, b) for b in batches),
-      num_batches=config.precise_bn_batches, train=True,
-      rngs={"noise": jax.random.fold_in(state.rng, 2)})
-  return state.replace(batch_stats=batch_stats)
+  num_batches = -(-config.precise_bn_samples // batch_size)
+  images = np.stack([next(batches)["image"] for _ in range(num_batches)])
+  return loop.jitted_precise_bn_state(single_model.apply)(state, images)
 
 
 def evaluate_with_statistics(config, step_fns, state, single_model, train_ds,
                              test_ds) -> dict:
   """Test metrics with the EMA running statistics (``test_*``) and, when
-  ``config.precise_bn_batches > 0``, also with PreciseBN population statistics
+  ``config.precise_bn_samples > 0``, also with PreciseBN population statistics
   (``precise_bn_test_*``): both, so the EMA's lag is visible (Wu & Johnson)."""
   test = evaluate(step_fns, state, test_ds, config)
-  if config.precise_bn_batches > 0 and jax.tree.leaves(state.batch_stats):
+  if config.precise_bn_samples > 0 and jax.tree.leaves(state.batch_stats):
     precise = evaluate(step_fns, precise_bn_state(config, state, single_model,
                                                   train_ds), test_ds, config)
     test.update({f"precise_bn_{k}": v for k, v in precise.items()
@@ -145,20 +130,23 @@ def num_train_steps_of(config, train_ds) -> int:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        norm: Optional[str] = None, data=None,
-                       stop_after_steps: Optional[int] = None):
+                       stop_after_steps: Optional[int] = None,
+                       validate: bool = True):
   """Trains ``config.model`` with ``norm`` in ``workdir``; returns
   ``(state, summary)``.
 
   Resumes from the latest checkpoint in ``workdir/checkpoints``.
   ``stop_after_steps`` stops the run early (after that many steps of this
   call, with a checkpoint), as a pre-emption would; the learning-rate
-  schedule still spans ``num_train_steps``.
+  schedule still spans ``num_train_steps``. ``validate=False`` skips
+  :func:`validate_config` (the caller ran it).
 
   Raises:
     TrainingDiverged: the loss or the state became NaN/inf; the message names
       the step and the last (finite) checkpoint, which is left intact.
   """
-  config_validation.validate_config(config)
+  if validate:  # run_comparison validated it already
+    config_validation.validate_config(config)
   norm = config.norms[0] if norm is None else norm
   os.makedirs(workdir, exist_ok=True)
   train_ds, test_ds = input_pipeline.load_train_test(config) if data is None \
@@ -174,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        axis_name=step_fns.axis_name)
   single_model = model if step_fns.axis_name is None else create_model(
       config, norm, train_ds.num_classes)
-  state, learning_rate_fn, tx = create_state(
+  state, _, tx = create_state(
       config, model, input_shape=input_shape, num_train_steps=num_train_steps)
 
   checkpointer = checkpoint.Checkpointer(
@@ -208,76 +196,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           checkpointer.latest_step(), checkpointer.directory)
     checkpointer.save(state)
 
-  pending = []          # device metrics of steps not yet logged
-  timed_steps = 0       # steps in the throughput window (compile excluded)
-  total_timed_steps = 0
-  train_seconds = 0.0
-  last_train = {}
-  window_start = time.perf_counter()
+  def before_step(step, state, batch):
+    # Measured at the state before this step's update.
+    if analysis_fn is not None and due(step, config.analysis_every):
+      writer.write(step - 1, analysis_fn(state, batch))
+
+  def on_sync(step, state, window):
+    if "steps_per_sec" in window:
+      window["examples_per_sec"] = window["steps_per_sec"] * config.batch_size
+    writer.write(step, window)
+    bar.update(step - bar.n)
+    bar.set_postfix(loss=f"{window['train_loss']:.4f}",
+                    acc=f"{window['train_accuracy']:.3f}",
+                    ex_s=f"{window.get('examples_per_sec', 0):.0f}")
+    if due(step, config.eval_every) or step == num_train_steps:
+      test = evaluate_with_statistics(config, step_fns, state, single_model,
+                                      train_ds, test_ds)
+      writer.write(step, test)
+      logging.info("%s step %d: %s", norm, step, test)
+    if due(step, config.checkpoint_every) or step == end_step:
+      maybe_save(state, step)
+    writer.flush()
+
+  # Host syncs: every log_every steps and wherever an evaluation or a
+  # checkpoint is due (the last step always syncs).
+  sync_at = [s for s in range(start_step + 1, end_step + 1)
+             if due(s, config.eval_every) or due(s, config.checkpoint_every)
+             or s == num_train_steps]
   bar = tqdm.tqdm(total=num_train_steps, initial=start_step, unit="step",
                   desc=norm, disable=not config.progress_bar, leave=True,
                   dynamic_ncols=True)
   try:
-    for step in range(start_step + 1, end_step + 1):
-      batch = next(batches)
-      if analysis_fn is not None and due(step, config.analysis_every):
-        # Measured at the state before this step's update; its time is kept
-        # out of the throughput.
-        t0 = time.perf_counter()
-        writer.write(step - 1, analysis_fn(state, batch))
-        window_start += time.perf_counter() - t0
-      state, step_metrics = step_fns.train_step(state, batch)
-      pending.append(step_metrics)
-      if step == start_step + 1:
-        # The first step compiles: keep it out of the throughput.
-        jax.block_until_ready(step_metrics)
-        window_start = time.perf_counter()
-      else:
-        timed_steps += 1
-      bar.update(1)
-
-      is_last = step == end_step
-      eval_now = due(step, config.eval_every) or step == num_train_steps
-      save_now = due(step, config.checkpoint_every) or is_last
-      if not (due(step, config.log_every) or is_last or eval_now or save_now):
-        continue
-      # Host sync: logs the window, checks every pending loss is finite.
-      host = jax.device_get(pending)
-      first = step - len(host) + 1
-      for i, m in enumerate(host):
-        if not math.isfinite(float(m["loss"])):
-          writer.write(first + i, {"train_loss": float(m["loss"])})
-          raise TrainingDiverged(first + i, f"the training loss "
-                                 f"({float(m['loss'])})",
-                                 checkpointer.latest_step(),
-                                 checkpointer.directory)
-      elapsed = time.perf_counter() - window_start
-      train_seconds += elapsed
-      last_train = {
-          "train_loss": sum(float(m["loss"]) for m in host) / len(host),
-          "train_accuracy": sum(float(m["accuracy"]) for m in host) / len(host),
-          "learning_rate": float(host[-1]["learning_rate"]),
-      }
-      total_timed_steps += timed_steps
-      if timed_steps and elapsed > 0:
-        last_train["steps_per_sec"] = timed_steps / elapsed
-        last_train["examples_per_sec"] = (timed_steps * config.batch_size /
-                                          elapsed)
-      writer.write(step, last_train)
-      bar.set_postfix(loss=f"{last_train['train_loss']:.4f}",
-                      acc=f"{last_train['train_accuracy']:.3f}",
-                      ex_s=f"{last_train.get('examples_per_sec', 0):.0f}")
-      pending, timed_steps = [], 0
-
-      if eval_now:
-        test = evaluate_with_statistics(config, step_fns, state, single_model,
-                                        train_ds, test_ds)
-        writer.write(step, test)
-        logging.info("%s step %d: %s", norm, step, test)
-      if save_now:
-        maybe_save(state, step)
-      writer.flush()
-      window_start = time.perf_counter()
+    result = loop.train_loop(
+        step_fns.train_step, state, batches, start_step=start_step,
+        end_step=end_step, sync_every=config.log_every, sync_at=sync_at,
+        on_sync=on_sync, before_step=before_step)
+    state = result.state
+    if result.diverged is not None:
+      step, loss = result.diverged
+      writer.write(step, {"train_loss": loss})
+      raise TrainingDiverged(step, f"the training loss ({loss})",
+                             checkpointer.latest_step(),
+                             checkpointer.directory)
   finally:
     bar.close()
     writer.close()
@@ -300,10 +260,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       # Over this call's steps, the compiling first step excluded; a call
       # that trained nothing reports the last recorded window.
       "examples_per_sec": (
-          total_timed_steps * config.batch_size / train_seconds
-          if total_timed_steps and train_seconds > 0
+          result.timed_steps * config.batch_size / result.train_seconds
+          if result.timed_steps and result.train_seconds > 0
           else metrics_lib.last_value(records, "examples_per_sec")),
-      "train_seconds": train_seconds,
+      "train_seconds": result.train_seconds,
       "status": "ok" if final_step == num_train_steps else "stopped",
   }
   with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -317,41 +277,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 # 5. The comparison over config.norms, and main.
 
 def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> list:
-  """Trains every norm of ``config.norms`` in ``<workdir>/<norm>``; writes
-  ``results.md``, ``results.json`` and ``comparison.png``; returns the rows.
+  """Trains every norm of ``config.norms`` in ``<workdir>/<norm>`` (for a
+  config in parts, every part's norms in ``<workdir>/<part>/<norm>``);
+  writes ``results.md``, ``results.json`` and ``comparison.png``; returns the
+  rows.
 
   A diverging run is recorded (status ``diverged at step N``) and the others
   still run.
   """
+  # Fails on bad values (naming the key) before loading data or compiling.
   config_validation.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  data = input_pipeline.load_train_test(config)
-  rows, runs = [], {}
-  for norm in config.norms:
-    run_dir = os.path.join(workdir, norm)
-    try:
-      _, summary = train_and_evaluate(config, run_dir, norm=norm, data=data)
-    except TrainingDiverged as e:
-      logging.error("%s", e)
-      print(f"[{norm}] {e}", file=sys.stderr)
-      summary = {"norm": norm, "steps": e.step,
-                 "status": f"diverged at step {e.step}"}
-      records = metrics_lib.read_metrics(run_dir)
-      summary["train_loss"] = metrics_lib.last_value(records, "train_loss")
-    rows.append(summary)
-    runs[norm] = metrics_lib.read_metrics(run_dir)
+  rows, figure, titles, datasets = [], {}, [], {}
+  for part, part_config in config_validation.config_parts(config):
+    data_key = (part_config.dataset, part_config.data_dir,
+                part_config.data_source)
+    if data_key not in datasets:
+      datasets[data_key] = input_pipeline.load_train_test(part_config)
+    runs = {}
+    for norm in part_config.norms:
+      run_dir = os.path.join(workdir, part, norm)
+      try:
+        _, summary = train_and_evaluate(part_config, run_dir, norm=norm,
+                                        data=datasets[data_key],
+                                        validate=False)
+      except TrainingDiverged as e:
+        logging.error("%s", e)
+        print(f"[{part}/{norm}] {e}", file=sys.stderr)
+        summary = {"norm": norm, "steps": e.step,
+                   "status": f"diverged at step {e.step}"}
+        records = metrics_lib.read_metrics(run_dir)
+        summary["train_loss"] = metrics_lib.last_value(records, "train_loss")
+      if part:
+        summary = {"part": part, **summary}
+      rows.append(summary)
+      runs[norm] = metrics_lib.read_metrics(run_dir)
+    title = (f"{part_config.model} on {part_config.dataset}, batch "
+             f"{part_config.batch_size}, {part_config.optimizer} lr "
+             f"{part_config.learning_rate}")
+    titles.append(f"{part}: {title}" if part else title)
+    figure[titles[-1]] = runs
 
   table = metrics_lib.results_table(rows)
-  title = (f"{config.model} on {config.dataset}, batch {config.batch_size}, "
-           f"{config.optimizer} lr {config.learning_rate}")
+  heading = "\n".join(f"# {t}" if len(titles) == 1 else f"- {t}"
+                      for t in titles)
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"# {title}\n\n{table}\n")
+    f.write(f"{heading}\n\n{table}\n")
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump({"config": json.loads(config.to_json_best_effort()),
                "results": rows}, f, indent=2)
   if config.plots:
-    plots.plot_runs(runs, os.path.join(workdir, "comparison.png"), title=title)
-  print(f"\n{title}\n{table}\n\nResults, metrics and plots in "
+    plots.plot_comparison(figure, os.path.join(workdir, "comparison.png"))
+  print(f"\n{heading}\n{table}\n\nResults, metrics and plots in "
         f"{os.path.abspath(workdir)}")
   return rows
 
@@ -375,8 +352,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_quiet_orbax_info)
   config = FLAGS.config
-  # Fail on bad values before loading data or compiling anything.
-  config_validation.validate_config(config)
   workdir = FLAGS.workdir or default_workdir()
   logging.info("JAX devices: %s", jax.devices())
   rows = run_comparison(config, workdir)

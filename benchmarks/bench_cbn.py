@@ -12,8 +12,15 @@ parameter update and the new ``batch_stats``; params and state donated) of
     but still computes the compensated statistics and writes the window
     slot). On GPU/TPU the Jacobians are skipped there by ``lax.cond``; on
     CPU they are computed and discarded (XLA:CPU runs convolutions inside a
-    ``cond`` branch ~25x slower, see ``_compute_if`` in the core), so on CPU
-    this costs about what ``cbn_k8`` costs.
+    ``cond`` branch ~25x slower, see ``bn_jax.core.platform.compute_if``), so
+    on CPU this costs about what ``cbn_k8`` costs;
+  * ``cbn_k8_nocg``: ``cbn_k8`` with ``compensation_grad=False`` (the
+    official gradient). The other CBN rows use the default
+    ``compensation_grad=True``: the gradient through the compensation,
+    elementwise work over the window in the backward pass (no extra
+    convolution), and a copy of the two Jacobian buffers (the backward reads
+    the old ones after the forward wrote this step's slot): ``temp MB`` grows
+    by ``2 (k-1) |W|``.
 
 Repetitions are interleaved (each configuration once per round, rotating
 order) so machine load hits all alike; printed are the median ms per step and
@@ -54,6 +61,8 @@ def _configs():
       "cbn_k4": ("cbn", {"window": 4, "burn_in": 0}),
       "cbn_k8": ("cbn", {"window": 8, "burn_in": 0}),
       "cbn_k8_burnin": ("cbn", {"window": 8, "burn_in": 10**6}),
+      "cbn_k8_nocg": ("cbn", {"window": 8, "burn_in": 0,
+                              "compensation_grad": False}),
   }
 
 

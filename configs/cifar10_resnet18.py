@@ -23,8 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = runpy.run_path(_RESNET20_CONFIG)["get_config"]()
   config.model = "resnet18"
   config.model_kwargs = ml_collections.ConfigDict(dict(width=64))
-  config.norm_kwargs = ml_collections.ConfigDict(
-      dict(gn=dict(num_groups=32), cbn=dict(window=8, burn_in=5000)))
+  config.norm_kwargs.gn.update(num_groups=32)
+  config.norm_kwargs.cbn.update(window=8, burn_in=5000)
   config.num_epochs = 100.0
   config.weight_decay = 5e-4
   return config

@@ -18,8 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = "resnet20"
   config.model_kwargs = ml_collections.ConfigDict(dict(width=16))
   config.norms = ("bn",)
-  config.norm_kwargs = ml_collections.ConfigDict(
-      dict(gn=dict(num_groups=8), cbn=dict(window=4, burn_in=2000)))
+  config.norm_kwargs.gn.update(num_groups=8)
+  config.norm_kwargs.cbn.update(window=4, burn_in=2000)
   config.batch_size = 128
   config.eval_batch_size = 500
   config.num_epochs = 160.0

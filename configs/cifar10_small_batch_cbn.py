@@ -21,9 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = "resnet20"
   config.model_kwargs = ml_collections.ConfigDict(dict(width=16))
   config.norms = ("bn", "brn", "gn", "cbn")
-  config.norm_kwargs = ml_collections.ConfigDict(dict(
-      cbn=dict(window=4, burn_in=10_000),
-      gn=dict(num_groups=8)))
+  config.norm_kwargs.cbn.update(window=4, burn_in=10_000)
+  config.norm_kwargs.gn.update(num_groups=8)
   config.batch_size = 4
   config.eval_batch_size = 500
   config.num_train_steps = 60_000

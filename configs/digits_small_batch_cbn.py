@@ -18,9 +18,10 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 
 def get_config() -> ml_collections.ConfigDict:
   config = runpy.run_path(_DEFAULT_CONFIG)["get_config"]()
+  config.parts = ml_collections.ConfigDict()  # one part: this config
   config.norms = ("bn", "cbn", "ln", "gn")
-  config.norm_kwargs = ml_collections.ConfigDict(dict(
-      cbn=dict(window=4, burn_in=300), gn=dict(num_groups=10)))
+  config.norm_kwargs.cbn.update(window=4, burn_in=300)
+  config.norm_kwargs.gn.update(num_groups=10)
   config.batch_size = 4
   config.num_train_steps = 3000
   config.learning_rate = 0.2

@@ -4,7 +4,7 @@
 50,000 SGD steps, with and without BN (``experiments/bn_mnist.py``).
 
 Both scales are the paper's scale: the MLP is tiny and the scanned training
-loop of ``experiments/common.py`` (``Run``) runs 50k steps in about a minute
+loop of ``bn_jax.training.loop.Trainer`` runs 50k steps in about a minute
 per run on one CPU core, so nothing is reduced on CPU.
 
 Not stated in the paper (documented choices, configurable): the learning rate

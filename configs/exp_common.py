@@ -58,7 +58,7 @@ def santurkar_vgg_config(scale: str, **fields) -> ml_collections.ConfigDict:
   points; paper: full width, all images, batch 128, 15,600 steps (40 epochs
   of 390), 20 points. Conv nets train one jitted step per dispatch
   (``scan=False``) with vmapped instruments: XLA:CPU runs convolutions inside
-  loops (lax.scan / lax.map) ~100x slower (experiments/common.Run).
+  loops (lax.scan / lax.map) ~100x slower (bn_jax.training.loop.Trainer).
   """
   cpu = scale == "cpu"
   return santurkar_config(

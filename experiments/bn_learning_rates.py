@@ -24,6 +24,7 @@ if _HERE not in sys.path:
 
 import bn_mnist  # noqa: E402
 import common  # noqa: E402
+from bn_jax.training import loop  # noqa: E402
 
 # PAPERS.md section 1 (ImageNet, Inception): steps to 72.2% / max accuracy.
 PAPER_INCEPTION = {
@@ -33,7 +34,7 @@ PAPER_INCEPTION = {
     "bn/relu/x30": ("BN-x30", "2.7M", "74.8%"),
     "bn/sigmoid/x5": ("BN-x5-Sigmoid", "-", "69.8%"),
     "none/sigmoid/x5": ("Inception-Sigmoid (no BN)",
-                        "-", "does not train (<0.1%)"),
+                        "-", "does not train (PAPERS.md §1)"),
 }
 
 
@@ -61,7 +62,7 @@ def train_one(config, spec: str, data) -> dict:
   steps, accs = [0], [run.evaluate()["test_accuracy"]]
   t0 = time.perf_counter()
   for _ in run.train_chunks(config.num_train_steps, config.chunk_steps):
-    if common.is_due(run.step, config.eval_every, config.num_train_steps):
+    if loop.is_due(run.step, config.eval_every, config.num_train_steps):
       steps.append(run.step)
       accs.append(run.evaluate()["test_accuracy"])
   wall = time.perf_counter() - t0

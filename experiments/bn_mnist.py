@@ -34,6 +34,8 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from bn_jax import analysis  # noqa: E402
+from bn_jax.models import create_model  # noqa: E402
+from bn_jax.training import input_pipeline, loop  # noqa: E402
 
 LABELS = {"none": "Without BN", "bn": "With BN"}
 ACCURACY_TARGETS = (0.90, 0.95, 0.97, 0.98)
@@ -54,23 +56,24 @@ def setup_data(config):
       dataset=config.dataset, batch_size=config.batch_size, seed=config.seed,
       data_dir=config.data_dir, eval_batch_size=1000,
       momentum=config.momentum)
-  train_ds, test_ds = common.load_data(settings)
-  return settings, train_ds, test_ds, common.normalized_arrays(train_ds)
+  train_ds, test_ds = input_pipeline.load_train_test(settings)
+  return (settings, train_ds, test_ds,
+          input_pipeline.normalized_arrays(train_ds))
 
 
 def mlp_run(config, data, *, norm: str, activation: str,
-            learning_rate: float) -> common.Run:
+            learning_rate: float) -> loop.Trainer:
   """The paper's MLP (``config.hidden``, N(0, kernel_init_std^2) weights)
   with ``norm`` and ``activation``, ready to train at ``learning_rate``."""
   settings, train_ds, test_ds, device_data = data
-  model = common.build_model(
+  model = create_model(
       "mlp", num_classes=train_ds.num_classes, norm=norm,
       hidden=tuple(config.hidden), activation=activation,
       kernel_init_std=config.kernel_init_std)
-  return common.Run(model, common.library_config(
-      settings, learning_rate=learning_rate), train_ds, test_ds,
-                    num_train_steps=config.num_train_steps, seed=config.seed,
-                    device_data=device_data)
+  return loop.Trainer(
+      model, common.library_config(settings, learning_rate=learning_rate),
+      train_ds, test_ds, num_train_steps=config.num_train_steps,
+      seed=config.seed, device_data=device_data)
 
 
 def train_one(config, norm: str, data, probe) -> dict:
@@ -99,7 +102,7 @@ def train_one(config, norm: str, data, probe) -> dict:
   t0 = time.perf_counter()
   for _ in run.train_chunks(config.num_train_steps, config.chunk_steps):
     record()
-    if common.is_due(run.step, config.eval_every, config.num_train_steps):
+    if loop.is_due(run.step, config.eval_every, config.num_train_steps):
       evaluate()
   wall = time.perf_counter() - t0
   common.log(f"[{norm}] {run.status}: step {run.step}, test acc "
@@ -208,7 +211,7 @@ def run_experiment(config, workdir: str) -> dict:
   """Trains every norm of ``config.norms``; writes JSON + plots."""
   t0 = time.perf_counter()
   data = setup_data(config)
-  probe = common.fixed_batch(data[2], config.probe_size)
+  probe = input_pipeline.fixed_batch(data[2], config.probe_size)
   results = {norm: train_one(config, norm, data, probe)
              for norm in config.norms}
   out = {"experiment": "bn_mnist", "config": common.to_dict(config),

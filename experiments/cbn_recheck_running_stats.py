@@ -22,8 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import cbn_small_batch as exp  # noqa: E402
-import common  # noqa: E402
-from bn_jax.training import eval_step, input_pipeline  # noqa: E402
+from bn_jax.training import input_pipeline, loop  # noqa: E402
 
 NUM_REESTIMATION_STEPS = 300
 
@@ -36,12 +35,13 @@ def main(method: str, batch_size: int) -> None:
               if s.name == f"{method}_b{batch_size}")
   model, state, lr_fn, tconfig, num_steps, _, _ = exp.init_run(config, spec,
                                                                train_ds)
-  state, _, _, _ = common.train_stepwise(
-      common.jit_train_step(lr_fn), state,
-      input_pipeline.train_iterator(train_ds, tconfig), num_steps,
-      sync_every=config.log_every)
-  evaluate = lambda st: common.evaluate(
-      jax.jit(eval_step), st, input_pipeline.eval_iterator(test_ds, tconfig))
+  step_fns = loop.step_functions(lr_fn)
+  state = loop.train_loop(
+      step_fns.train_step, state,
+      input_pipeline.train_iterator(train_ds, tconfig), end_step=num_steps,
+      sync_every=config.log_every).state
+  evaluate = lambda st: loop.evaluate(
+      step_fns.eval_step, st, input_pipeline.eval_iterator(test_ds, tconfig))
   print(method, batch_size, "running stats:", evaluate(state))
 
   @jax.jit

@@ -46,7 +46,7 @@ if _HERE not in sys.path:
 import common  # noqa: E402
 from bn_jax.data import ArrayDataset, channel_stats  # noqa: E402
 from bn_jax.models import CifarResNet  # noqa: E402
-from bn_jax.training import eval_step, input_pipeline  # noqa: E402
+from bn_jax.training import input_pipeline, loop  # noqa: E402
 
 NAME = "cbn_small_batch"
 METHODS = ("bn", "gn", "brn", "naive_cbn", "cbn")
@@ -159,9 +159,9 @@ def downsample_images(images: np.ndarray, factor: int) -> np.ndarray:
 def load_data(config) -> tuple[ArrayDataset, ArrayDataset]:
   """Train/test splits, subset and downsampled as configured; the
   normalization statistics are recomputed on the (reduced) train split."""
-  train, test = common.load_data(common.library_config(
+  train, test = input_pipeline.load_train_test(common.library_config(
       dataset=config.dataset, data_dir=config.data_dir))
-  train = common.first_examples(train, config.train_subset)
+  train = input_pipeline.first_examples(train, config.train_subset)
   factor = int(config.downsample)
   train_images = downsample_images(train.images, factor)
   mean, std = channel_stats(train_images)
@@ -187,8 +187,8 @@ def init_run(config, spec: RunSpec, train_ds):
                       stage_sizes=tuple(config.stage_sizes),
                       width=int(config.width), shortcut=config.shortcut,
                       norm=norm, norm_kwargs=norm_kwargs)
-  state, lr_fn, _ = common.init_training(
-      model, tconfig, num_train_steps=num_steps,
+  state, lr_fn, _ = loop.create_state(
+      tconfig, model, num_train_steps=num_steps,
       input_shape=(spec.batch_size,) + train_ds.image_shape, seed=config.seed)
   return model, state, lr_fn, tconfig, num_steps, norm, norm_kwargs
 
@@ -203,17 +203,20 @@ def train_run(config, spec: RunSpec, data, *, log=print) -> dict:
                 learning_rate=tconfig.learning_rate,
                 warmup_steps=tconfig.warmup_steps)
   t_start = time.perf_counter()
-  state, curve, record["status"], first_step = common.train_stepwise(
-      common.jit_train_step(lr_fn), state,
-      input_pipeline.train_iterator(train_ds, tconfig), num_steps,
+  step_fns = loop.step_functions(lr_fn)
+  result = loop.train_loop(
+      step_fns.train_step, state,
+      input_pipeline.train_iterator(train_ds, tconfig), end_step=num_steps,
       sync_every=config.log_every)
+  state, curve, record["status"] = result.state, result.curve, result.status
+  first_step = result.first_step_seconds
   t_trained = time.perf_counter()
   # (step, mean train loss over the window): the accuracy is not recorded.
   record["train_curve"] = curve = [(step, loss) for step, loss, _ in curve]
   tail = [l for s, l in curve[-max(len(curve) // 10, 1):]]
   record["final_train_loss"] = float(np.mean(tail)) if tail else None
   if record["status"] == "ok":
-    record.update(common.evaluate(jax.jit(eval_step), state,
+    record.update(loop.evaluate(step_fns.eval_step, state,
                                   input_pipeline.eval_iterator(test_ds,
                                                                tconfig)))
   else:

@@ -44,7 +44,8 @@ if _HERE not in sys.path:
 import common  # noqa: E402
 from bn_jax import precise_batch_stats  # noqa: E402
 from bn_jax.analysis import statistics_consistency  # noqa: E402
-from bn_jax.training import input_pipeline  # noqa: E402
+from bn_jax.models import create_model  # noqa: E402
+from bn_jax.training import input_pipeline, loop  # noqa: E402
 
 NAME = "rethinking_batch"
 # Config keys that select runs or only change logging: not in a run's
@@ -71,8 +72,8 @@ def training_config(config):
 def load_data(config):
   """Train (its first ``config.train_subset`` examples if > 0; the
   normalization statistics stay the full train set's) and test splits."""
-  train, test = common.load_data(training_config(config))
-  return common.first_examples(train, config.train_subset), test
+  train, test = input_pipeline.load_train_test(training_config(config))
+  return input_pipeline.first_examples(train, config.train_subset), test
 
 
 def precise_batches(train_ds, tconfig, num: int, seed_offset: int) -> list:
@@ -80,7 +81,7 @@ def precise_batches(train_ds, tconfig, num: int, seed_offset: int) -> list:
   the training order)."""
   it = input_pipeline.train_iterator(train_ds, tconfig,
                                      seed_offset=1000 + seed_offset)
-  return [common.to_device(b) for _, b in zip(range(num), it)]
+  return [input_pipeline.to_device(b) for _, b in zip(range(num), it)]
 
 
 def stats_divergence(ema, population) -> dict:
@@ -116,11 +117,11 @@ def train_run(config, name: str, norm: str, norm_kwargs: dict, data,
   train_ds, _ = data
   tconfig = training_config(config)
   num_steps = int(config.num_train_steps)
-  model = common.build_model(config.model, num_classes=train_ds.num_classes,
-                             norm=norm, norm_kwargs=norm_kwargs,
-                             **config.model_kwargs.to_dict())
-  state, lr_fn, _ = common.init_training(
-      model, tconfig, num_train_steps=num_steps,
+  model = create_model(config.model, num_classes=train_ds.num_classes,
+                       norm=norm, norm_kwargs=norm_kwargs,
+                       **config.model_kwargs.to_dict())
+  state, lr_fn, _ = loop.create_state(
+      tconfig, model, num_train_steps=num_steps,
       input_shape=(tconfig.batch_size,) + tuple(train_ds.images.shape[1:]),
       seed=config.seed)
   eval_steps = sorted(set(int(s) for s in eval_steps if 0 <= s <= num_steps))
@@ -149,10 +150,12 @@ def train_run(config, name: str, norm: str, norm_kwargs: dict, data,
 
   t0 = time.perf_counter()
   evaluate(0, state)
-  state, curve, status, _ = common.train_stepwise(
-      common.jit_train_step(lr_fn), state,
-      input_pipeline.train_iterator(train_ds, tconfig), num_steps,
-      sync_every=config.log_every, sync_at=eval_steps, on_sync=evaluate)
+  result = loop.train_loop(
+      loop.step_functions(lr_fn).train_step, state,
+      input_pipeline.train_iterator(train_ds, tconfig), end_step=num_steps,
+      sync_every=config.log_every, sync_at=eval_steps,
+      on_sync=lambda step, state, _: evaluate(step, state))
+  curve, status = result.curve, result.status
   total = time.perf_counter() - t0
   record = dict(name=name, norm=norm, norm_kwargs=norm_kwargs, status=status,
                 num_steps=num_steps, train_curve=curve, evals=evals,
@@ -176,9 +179,9 @@ def run_experiment(config, workdir: str, *, log=print) -> dict:
   data = load_data(config)
   train_ds, test_ds = data
   eval_sets = {
-      "test": common.leading_batches(test_ds, config.eval_batch_size,
+      "test": input_pipeline.leading_batches(test_ds, config.eval_batch_size,
                                      len(test_ds.labels)),
-      "train_subset": common.leading_batches(
+      "train_subset": input_pipeline.leading_batches(
           train_ds, config.eval_batch_size, config.train_eval_examples),
   }
   log(f"data: {config.dataset} train {train_ds.images.shape}, eval on "

@@ -41,6 +41,8 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from bn_jax import analysis  # noqa: E402
+from bn_jax.models import create_model  # noqa: E402
+from bn_jax.training import input_pipeline, loop  # noqa: E402
 
 LABELS = {"none": "Standard", "bn": "Standard + BN", "noisy_bn": "BN + noise",
           "lp": "l_p"}
@@ -58,7 +60,7 @@ def make_instruments(model, tx, step_sizes, *, ics: bool, landscape: bool,
 
   ``method``: the instruments' ``'map'`` (sequential ``lax.map``) or
   ``'vmap'``; conv nets use ``'vmap'`` because XLA:CPU runs convolutions in a
-  loop body very slowly (see ``common.Run``).
+  loop body very slowly (see ``loop.Trainer``).
   """
   loss_fn = analysis.make_loss_fn(model, train=True)
 
@@ -67,7 +69,8 @@ def make_instruments(model, tx, step_sizes, *, ics: bool, landscape: bool,
     if ics:
       out.update(analysis.internal_covariate_shift(
           loss_fn, params, batch_stats, batch,
-          update_fn=analysis.optax_update_fn(tx, opt_state), method=method))
+          update_fn=analysis.optax_update_fn(tx, opt_state), method=method,
+          layers=model.layer_names()))  # the model's own forward order
     if landscape:
       out.update(analysis.landscape_probe(loss_fn, params, batch_stats, batch,
                                           step_sizes=step_sizes,
@@ -115,16 +118,20 @@ def setup_data(config, *, dataset: str) -> MeasureData:
       decay_boundaries=tuple(config.decay_boundaries))
   if "synthetic" in config:
     settings.synthetic = config.synthetic
-  train_ds, test_ds = common.load_data(settings)
-  train_ds = common.subset(train_ds, config.train_subset, seed=config.seed)
-  test_ds = common.subset(test_ds, config.test_subset, seed=config.seed)
+  train_ds, test_ds = input_pipeline.load_train_test(settings)
+  train_ds = input_pipeline.subset(train_ds, config.train_subset,
+                                   seed=config.seed)
+  test_ds = input_pipeline.subset(test_ds, config.test_subset,
+                                  seed=config.seed)
   points = measurement_steps(config.num_train_steps, config.num_points)
   return MeasureData(
-      settings, train_ds, test_ds, common.normalized_arrays(train_ds),
-      probe=common.fixed_batch(train_ds, config.probe_size, seed=1234),
-      measure_batches=[common.fixed_batch(train_ds, config.batch_size,
-                                          seed=2000 + k)
-                       for k in range(len(points))])
+      settings, train_ds, test_ds, input_pipeline.normalized_arrays(train_ds),
+      probe=input_pipeline.fixed_batch(train_ds, config.probe_size,
+                                       seed=1234),
+      measure_batches=[
+          input_pipeline.fixed_batch(train_ds, config.batch_size,
+                                     seed=2000 + k)
+          for k in range(len(points))])
 
 
 def train_and_measure(config, data: MeasureData, *, label: str, norm: str,
@@ -132,12 +139,12 @@ def train_and_measure(config, data: MeasureData, *, label: str, norm: str,
                       landscape: bool) -> dict:
   """Trains one run (``model_name`` with ``config.model_kwargs``), measuring
   at ``measurement_steps``; returns its records."""
-  model = common.build_model(model_name, num_classes=data.train_ds.num_classes,
-                             norm=norm, norm_kwargs=norm_kwargs,
-                             **dict(config.model_kwargs))
-  run = common.Run(model, data.settings, data.train_ds, data.test_ds,
-                   num_train_steps=config.num_train_steps, seed=config.seed,
-                   device_data=data.device_data, scan=config.scan)
+  model = create_model(model_name, num_classes=data.train_ds.num_classes,
+                       norm=norm, norm_kwargs=norm_kwargs,
+                       **dict(config.model_kwargs))
+  run = loop.Trainer(model, data.settings, data.train_ds, data.test_ds,
+                     num_train_steps=config.num_train_steps, seed=config.seed,
+                     device_data=data.device_data, scan=config.scan)
   step_sizes = analysis.geometric_step_sizes(
       config.learning_rate * config.step_size_range[0],
       config.learning_rate * config.step_size_range[1],

@@ -1,8 +1,10 @@
 """Test set-up: 8 simulated CPU devices (SyncBN / data-parallel tests) and
 paths to the offline datasets in ../shared/data."""
 import contextlib
+import importlib.util
 import os
 import pathlib
+import sys
 
 # Must be set before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -13,6 +15,18 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def train():
+  """The top-level train.py as a module, loaded once per process (it defines
+  absl flags, which may be defined only once)."""
+  if "train" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["train"] = module
+  return sys.modules["train"]
 
 
 @pytest.fixture(scope="session")

@@ -338,12 +338,12 @@ def test_compiled_train_step_has_no_branch_on_cpu_and_updates_window_in_place():
   x = normal(90, (4, features), loc=0.5)
   state = bn_jax.cbn_state(w, features, window)
 
-  def make_step(burn_in):
+  def make_step(burn_in, compensation_grad=False):
     def step(w, state, x):
       def loss(w):
         y, new = bn_jax.cross_iteration_batch_norm(
             jax_dense, w, x, state, train=True, window=window,
-            burn_in=burn_in)
+            burn_in=burn_in, compensation_grad=compensation_grad)
         return jnp.sum(y**2 * jnp.arange(features)), new
       grads, new = jax.grad(loss, has_aux=True)(w)
       return w - 0.1 * grads, new
@@ -356,6 +356,12 @@ def test_compiled_train_step_has_no_branch_on_cpu_and_updates_window_in_place():
     assert "conditional" not in compiled.as_text(), burn_in
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < 2 * buffer_bytes, (burn_in, temp, buffer_bytes)
+  # With the gradient through the compensation the backward pass reads the
+  # old d mu / d sigma^2 buffers after the forward wrote this step's slot, so
+  # XLA keeps one copy of those two (2 buffers) on top of the above: < 4x.
+  compiled = make_step(0, True).lower(w, state, x).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < 4 * buffer_bytes, (temp, buffer_bytes)
   gpu_text = make_step(100).trace(w, state, x).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "stablehlo.case" in gpu_text or "stablehlo.if" in gpu_text
@@ -429,7 +435,8 @@ def test_gradient_flows_only_through_current_batch_statistics():
 
   def cbn_loss(w, x, gamma, beta):
     y, _ = bn_jax.cross_iteration_batch_norm(
-        jax_dense, w, x, state, gamma, beta, train=True, window=window)
+        jax_dense, w, x, state, gamma, beta, train=True, window=window,
+        compensation_grad=False)  # the official semantics
     return jnp.sum(y * r) + jnp.sum(y**2)
 
   args = (w, x, gamma, beta)
@@ -500,3 +507,93 @@ def test_weight_features_must_match_the_state():
     bn_jax.cbn_state(jnp.ones((3, 2)), 5, 3)
   with pytest.raises(ValueError, match="window"):
     bn_jax.cbn_state(jnp.ones((3, 2)), 2, 0)
+
+
+def test_off_cpu_conditional_branch_equals_the_cpu_branch():
+  """The GPU/TPU program (``lax.cond`` skips the Jacobians before recording
+  starts), executed on this CPU via ``platform.force_conditional``, gives the
+  CPU program's numbers through burn-in, the start of recording, the switch
+  and a full, rolling window."""
+  from bn_jax.core import platform
+  window, burn_in = 3, 6  # recording starts at step 4; window active at 6
+  w0 = normal(80, (3, 3, 2, 4), scale=0.3)
+  ws = random_walk(81, w0, 10, 0.05)
+  xs = [normal(82 + t, (2, 5, 5, 2), loc=0.3) for t in range(10)]
+  layer_fn = jax_conv(stride=1)
+
+  def make_step():
+    def step(w, x, s):
+      def loss(w):
+        y, new = bn_jax.cross_iteration_batch_norm(
+            layer_fn, w, x, s, train=True, burn_in=burn_in)
+        return jnp.sum(y * jnp.arange(4.0)), (y, new)
+      (_, (y, new)), g = jax.value_and_grad(loss, has_aux=True)(w)
+      return y, new, g
+    return jax.jit(step)
+
+  with jax.enable_x64(True):
+    cpu_step = make_step()
+    with platform.force_conditional():
+      cond_step = make_step()
+      args = (jnp.asarray(ws[0], jnp.float64), jnp.asarray(xs[0], jnp.float64),
+              bn_jax.cbn_state(jnp.asarray(ws[0], jnp.float64), 4, window,
+                               jnp.float64))
+      cond_text = cond_step.lower(*args).compile().as_text()
+    # The HLO op (not the word, which this test's name contains):
+    assert " conditional(" in cond_text  # the branch is really taken here
+    assert " conditional(" not in cpu_step.lower(*args).compile().as_text()
+    s_cpu = s_cond = args[2]
+    for t in range(10):
+      w = jnp.asarray(ws[t], jnp.float64)
+      x = jnp.asarray(xs[t], jnp.float64)
+      y_cpu, s_cpu, g_cpu = cpu_step(w, x, s_cpu)
+      y_cond, s_cond, g_cond = cond_step(w, x, s_cond)
+      # Same float64 operations, possibly fused differently: a few ulps of
+      # O(1) values; 1e-12 is > 10^3 eps_f64 and far below any real
+      # difference (a skipped or missing entry changes outputs by ~1e-2).
+      for a, b in zip((y_cpu, g_cpu) + tuple(s_cpu),
+                      (y_cond, g_cond) + tuple(s_cond)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12,
+                                   err_msg=f"step {t}")
+    assert int(s_cpu.window_count) == 2 and int(s_cpu.step) == 10
+
+
+def test_window_variance_is_accurate_when_the_mean_dwarfs_the_spread():
+  """|mean| / std ~ 200: the window's variance against float64.
+
+  CBN's variance is ``nu_bar - mu_bar^2`` by definition; in float32 the
+  naive evaluation loses ``(|mu| / sigma)^2 eps_f32 ~ 4e4 * 1.2e-7 ~ 5e-3``
+  relative per rounding of a ``mu^2``-sized term (~1e-2 in all). The
+  cancellation-free form only rounds terms of the size of the spread, plus
+  the means' own rounding ``~ (|mu| / sigma) eps_f32`` entering squared
+  differences linearly: ``2 (|mu| / sigma) eps_f32 * ~20 ops ~ 1e-3``, the
+  bound used (measured ~7e-5). The running variance with
+  ``compensated_running_stats=True`` and ``momentum=0`` *is* the window's
+  variance.
+  """
+  window = 8
+  rng = np.random.default_rng(90)
+  w0 = (0.5 + 0.1 * rng.normal(size=(5, 4))).astype(np.float32)
+  ws = random_walk(91, w0, window, 1e-4)  # small: no guard needed
+  xs = [(90.0 + rng.normal(size=(16, 5))).astype(np.float32)
+        for _ in range(window)]
+  state = bn_jax.cbn_state(w0, 4, window)
+  step = jax.jit(lambda w, x, s: bn_jax.cross_iteration_batch_norm(
+      jax_dense, w, x, s, train=True, momentum=0.0,
+      compensated_running_stats=True)[1])
+  for x, w in zip(xs, ws):
+    state = step(w, x, state)
+  # float64 reference: the paper's formula on the same float32 inputs.
+  mus, nus = [], []
+  w_now = np.asarray(ws[-1], np.float64)
+  for t, (x, w) in enumerate(zip(xs, ws)):
+    _, mu, nu, dmu, dnu = np_stats(x, w)
+    d = w_now - np.asarray(w, np.float64)
+    mus.append(mu + (dmu * d).sum(0))
+    nus.append(nu + (dnu * d).sum(0))
+  mus, nus = np.array(mus), np.array(nus)
+  assert np.all(nus >= mus**2)  # no guard active
+  ref_var = nus.mean(0) - mus.mean(0)**2
+  ratio = np.abs(mus.mean(0)) / np.sqrt(ref_var)
+  assert np.all((ratio > 150) & (ratio < 300)), ratio
+  np.testing.assert_allclose(state.var, ref_var, rtol=1e-3)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from bn_jax.data import load_dataset
+from bn_jax.training import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
@@ -52,7 +53,7 @@ def _config(name, **overrides):
   return config
 
 
-def test_train_stepwise_syncs_and_finds_the_diverging_step():
+def test_train_loop_syncs_and_finds_the_diverging_step():
   # A fake jitted step: the state counts steps, the losses are scripted.
   losses = [1.0, 2.0, 3.0, 4.0, 5.0, math.nan, 7.0]
 
@@ -62,21 +63,28 @@ def test_train_stepwise_syncs_and_finds_the_diverging_step():
                        "accuracy": jnp.asarray(0.25 * (state % 2))}
 
   batches = iter(lambda: {"image": 0, "label": 0, "mask": 1}, None)
-  synced = []
-  state, curve, status, first = common.train_stepwise(
-      step_fn, 0, batches, 5, sync_every=4, sync_at=(1,),
-      on_sync=lambda step, state: synced.append((step, state)))
+  synced, before = [], []
+  result = loop.train_loop(
+      step_fn, 0, batches, end_step=5, sync_every=4, sync_at=(1,),
+      on_sync=lambda step, state, window: synced.append(
+          (step, state, window["train_loss"])),
+      before_step=lambda step, state, batch: before.append((step, state)))
   # Syncs at step 1 (sync_at), 4 (every 4) and 5 (the last): window means.
   # (accuracies 0.25 * (state % 2): 0 | 0.25, 0, 0.25 | 0)
-  assert curve == [(1, 1.0, 0.0), (4, 3.0, pytest.approx(0.5 / 3)),
-                   (5, 5.0, 0.0)]
-  assert synced == [(1, 1), (4, 4), (5, 5)] and state == 5
-  assert status == "ok" and first >= 0.0
-  state, curve, status, _ = common.train_stepwise(
-      step_fn, 0, batches, 7, sync_every=4)
+  assert result.curve == [(1, 1.0, 0.0), (4, 3.0, pytest.approx(0.5 / 3)),
+                          (5, 5.0, 0.0)]
+  assert synced == [(1, 1, 1.0), (4, 4, 3.0), (5, 5, 5.0)]
+  assert before == [(s, s - 1) for s in range(1, 6)]  # the state before
+  assert result.state == 5 and result.status == "ok"
+  assert result.diverged is None and result.timed_steps == 4
+  result = loop.train_loop(step_fn, 0, batches, end_step=7, sync_every=4)
   # Step 6's loss is NaN: seen at the last sync (step 7), named exactly.
-  assert status == "diverged at step 6"
-  assert curve == [(4, 2.5, 0.125)] and state == 7
+  assert result.status == "diverged at step 6"
+  assert result.diverged[0] == 6 and math.isnan(result.diverged[1])
+  assert result.curve == [(4, 2.5, 0.125)] and result.state == 7
+  # A resumed loop runs steps start_step + 1 .. end_step.
+  result = loop.train_loop(step_fn, 2, batches, start_step=2, end_step=4)
+  assert result.curve == [(4, 3.5, 0.125)] and result.state == 4
 
 
 def test_cached_run_and_fingerprint(tmp_path):
@@ -173,6 +181,9 @@ def test_cbn_sweep_smoke(cbn_exp, tmp_path):
   run = results["runs"]["cbn_b2"]
   num_test = len(load_dataset("digits", "test").labels)
   assert run["num_steps"] == 4 and run["test_examples"] == num_test
+  # Exact evaluation over the padded, masked test set: a count / num_test.
+  count = acc["cbn"]["2"] * num_test
+  assert abs(count - round(count)) < 1e-9 and math.isfinite(run["test_loss"])
   assert run["norm_kwargs"]["burn_in"] == 1  # 0.25 * 4 steps
   for png in ("accuracy_vs_batch.png", "train_curves.png"):
     assert (tmp_path / png).stat().st_size > 0

@@ -111,7 +111,9 @@ def test_layer_norm_matches_flax(axis):
   ours32, state = layer_norm(x32, layer_norm_state(), gamma32, beta32,
                              axis=axis)
   assert state == layer_norm_state() and ours32.dtype == jnp.float32
-  np.testing.assert_allclose(ours32, ref_np, atol=1e-5)
+  # float32 vs float64 reference, |y| <= ~4: measured 1.5e-6, 2e-5 (~40
+  # ulps of the largest output) is >= 10x that.
+  np.testing.assert_allclose(ours32, ref_np, atol=2e-5)
 
   module = nn.LayerNorm(reduction_axes=axis, feature_axes=axis,
                         use_fast_variance=False)

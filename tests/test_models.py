@@ -26,6 +26,7 @@ TINY_NORM_KWARGS = {
     'gn': {'num_groups': 2},
     'ghost': {'ghost_batch_size': 2},
     'cbn': {'window': 3},
+    'naive_cbn': {'window': 3},
     'lp': {'p': 1},
 }
 # Tiny versions of every model (all accept NHWC images).
@@ -40,7 +41,9 @@ TINY_IMAGE = (BATCH, 4, 4, 3)
 # Number of sown nonlinearity inputs of the tiny models.
 NUM_PREACTS = {'mlp': 3, 'vgg': 8, 'resnet20': 1 + 2 * 9,
                'resnet18': 1 + 2 * 8, 'deep_linear': 2}
-STATEFUL_NORMS = ('bn', 'cbn', 'brn', 'noisy_bn', 'lp', 'frozen', 'ghost')
+STATEFUL_NORMS = ('bn', 'cbn', 'naive_cbn', 'brn', 'noisy_bn', 'lp', 'frozen',
+                  'ghost')
+CBN_NORMS = ('cbn', 'naive_cbn')  # ConvCBN/DenseCBN blocks, named 'cbn'
 RNGS_INIT = {'params': jax.random.key(0), 'noise': jax.random.key(1)}
 # XLA's optimizations cost 3-4x the compile time of these tiny graphs and buy
 # nothing here.
@@ -104,7 +107,7 @@ def check_param_tree(params, norm):
     if path[-1] == 'head' or norm == 'none':
       assert set(node) == {'kernel', 'bias'}, (path, set(node))
       continue
-    if norm == 'cbn':
+    if norm in CBN_NORMS:
       assert path[-1] == 'cbn', path
       assert set(node) == {'kernel', 'scale', 'bias'}, (path, set(node))
       continue
@@ -151,14 +154,14 @@ def test_every_model_every_norm_traced(name, norm):
   assert count_preacts(out['updates']['intermediates']) == NUM_PREACTS[name]
   has_stats = 'batch_stats' in out['variables']
   assert has_stats == (norm in STATEFUL_NORMS)
-  if norm == 'cbn':
+  if norm in CBN_NORMS:
     stats = out['variables']['batch_stats']
     for path, node in kernel_nodes(params):
       if path[-1] != 'cbn':
         continue
       state = get(stats, path)
       assert set(state) == set(CBNState._fields), path
-      window = TINY_NORM_KWARGS['cbn']['window']
+      window = TINY_NORM_KWARGS[norm]['window']
       assert state['window_weight'].shape == (window - 1,) + \
           node['kernel'].shape
 
@@ -228,7 +231,7 @@ def test_every_norm_executes(norm):
     np.testing.assert_allclose(first['same_group'], first['x'], rtol=1e-5,
                                atol=1e-5)
     first = out['train_first']
-    if norm in ('bn', 'ghost', 'brn', 'lp', 'cbn', 'noisy_bn'):
+    if norm in ('bn', 'ghost', 'brn', 'lp', 'cbn', 'naive_cbn', 'noisy_bn'):
       # Train mode normalizes with batch statistics: the other samples matter,
       # for ghost BN only those of the same ghost batch.
       assert not np.allclose(first['same_group'], first['x'], atol=1e-3)
@@ -395,6 +398,75 @@ def test_bfloat16_activations_float32_params_and_logits():
   assert_finite(out)
 
 
+def _np_mlp_forward(params, x, norm, train, batch_stats=None, eps=1e-5):
+  """The MLP of bn_jax.models.mlp in NumPy float64: flatten -> [Dense ->
+  norm -> sigmoid] x L -> Dense, with BN's batch statistics (train) or the
+  running ones (eval); written from the BN paper, not from the code."""
+  h = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+  for i in range(len([k for k in params if k.startswith('hidden_')])):
+    layer = params[f'hidden_{i}']
+    h = h @ np.asarray(layer['dense']['kernel'], np.float64)
+    if norm == 'none':
+      h = h + np.asarray(layer['dense']['bias'], np.float64)
+    else:
+      if train:
+        mean, var = h.mean(0), h.var(0)
+      else:
+        stats = batch_stats[f'hidden_{i}']['norm']
+        mean, var = (np.asarray(stats[k], np.float64) for k in ('mean', 'var'))
+      h = ((h - mean) / np.sqrt(var + eps) *
+           np.asarray(layer['norm']['scale'], np.float64) +
+           np.asarray(layer['norm']['bias'], np.float64))
+    h = 1.0 / (1.0 + np.exp(-h))
+  return (h @ np.asarray(params['head']['kernel'], np.float64) +
+          np.asarray(params['head']['bias'], np.float64))
+
+
+# Tolerances relative to the largest logit. float32: ~16 roundings of 2^-24
+# (6e-8 each) through 4 layers, amplified by BN's division by batch stds of
+# ~0.3: measured 1.6e-7 (SSE4.2), so 1e-5 leaves >= 60x. bfloat16 (unit
+# roundoff 2^-8 = 3.9e-3): the same ~16 roundings, measured 1.9% with BN in
+# train mode (0.3% without a norm); 0.2 is >= 10x that -- loose, but what it
+# pins (the bf16 model computes the float32 model's function: the same
+# layers, statistics and parameters) fails by O(1) when broken.
+_MLP_LOGIT_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 0.2}
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16],
+                         ids=['float32', 'bfloat16'])
+@pytest.mark.parametrize('norm', ['none', 'bn'])
+def test_mlp_logits_match_numpy_forward(norm, dtype):
+  """Train- and eval-mode logits of the MLP (sigmoid, BN or none) equal a
+  NumPy float64 forward pass with the same parameters, within the rounding
+  of the activation dtype (relative to the largest logit)."""
+  model = create_model('mlp', num_classes=NUM_CLASSES, norm=norm,
+                       hidden=(6, 5, 4), dtype=dtype)
+  x = np.asarray(jax.random.normal(jax.random.key(6), (8, 3, 2, 1)) * 2 + 1)
+  variables = model.init(RNGS_INIT, x, train=False)
+  # Non-trivial scale/bias and running statistics (init: 1, 0, 0, 1).
+  variables = jax.tree.map(lambda a: a + 0.3 * jnp.sin(
+      jnp.arange(a.size, dtype=a.dtype).reshape(a.shape) + 1.0), variables)
+  params = variables['params']
+  logits, updates = model.apply(variables, x, train=True,
+                                mutable=['batch_stats'])
+  eval_logits = model.apply(variables, x, train=False)
+  assert logits.dtype == eval_logits.dtype == jnp.float32
+  for got, train in ((logits, True), (eval_logits, False)):
+    ref = _np_mlp_forward(params, x, norm, train,
+                          variables.get('batch_stats'))
+    err = np.max(np.abs(np.asarray(got, np.float64) - ref)) / np.max(
+        np.abs(ref))
+    assert err <= _MLP_LOGIT_TOL[dtype], (train, err)
+  if norm == 'bn':  # the running statistics moved by the batch's (flax EMA)
+    h = x.reshape(8, -1).astype(np.float64) @ np.asarray(
+        params['hidden_0']['dense']['kernel'], np.float64)
+    old = variables['batch_stats']['hidden_0']['norm']
+    new = updates['batch_stats']['hidden_0']['norm']
+    np.testing.assert_allclose(
+        new['mean'], 0.99 * np.asarray(old['mean']) + 0.01 * h.mean(0),
+        rtol=_MLP_LOGIT_TOL[dtype], atol=1e-6)
+
+
 def test_option_a_shortcut_matches_numpy():
   # With zero conv kernels and no norm the block is relu(shortcut(x)); option
   # A subsamples with stride 2 and zero-pads the new channels half/half.
@@ -516,3 +588,36 @@ def test_unknown_model_kwargs_and_values():
     create_model('mlp', num_classes=0)
   with pytest.raises(TypeError, match='dtype'):
     create_model('mlp', num_classes=10, dtype=jnp.int32)
+
+
+def test_naive_cbn_is_cbn_without_compensation():
+  """norm='naive_cbn' is Yao et al.'s baseline: CBN with rho=0 (past
+  statistics used as stored). Over 4 training steps with moving weights its
+  outputs and running statistics equal norm='cbn' with rho=0 exactly, and
+  differ from compensated CBN's once the window holds past entries."""
+  x = jax.random.normal(jax.random.key(5), (4, 6)) * 2.0 + 1.0
+
+  def run(norm, kwargs):
+    model = create_model('deep_linear', num_classes=NUM_CLASSES, norm=norm,
+                         norm_kwargs=kwargs, depth=2, width=4)
+    variables = model.init(RNGS_INIT, x, train=False)
+    params, stats, outs = variables['params'], variables['batch_stats'], []
+    for step in range(4):
+      y, upd = model.apply({'params': params, 'batch_stats': stats},
+                           x * (1.0 + 0.3 * step), train=True,
+                           mutable=['batch_stats'])
+      stats = upd['batch_stats']
+      outs.append(np.asarray(y))
+      # Move the weights, so compensation has something to do.
+      params = jax.tree.map(lambda p: p * 1.1 + 0.01, params)
+    return outs, stats
+
+  kwargs = {'window': 3, 'burn_in': 0}
+  naive, naive_stats = run('naive_cbn', kwargs)
+  rho0, rho0_stats = run('cbn', {**kwargs, 'rho': 0.0})
+  compensated, _ = run('cbn', kwargs)
+  for a, b in zip(naive, rho0):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(naive_stats), jax.tree.leaves(rho0_stats)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.allclose(naive[-1], compensated[-1], atol=1e-4)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bn_jax.analysis.loss_fns import _check_batch, cross_entropy_sums
+from bn_jax.analysis.loss_fns import check_batch, cross_entropy_sums
 
 MODES = ("ema", "precise", "batch")
 
@@ -85,8 +85,8 @@ def statistics_consistency(
     eval_batches = [eval_batches]
   variants = {"ema": variables}
   if population_stats is None and precise_batches is not None:
-    # Lazy: PreciseBN lives in bn_jax.core and is optional for this module.
-    from bn_jax.core.precise_batch_norm import precise_batch_stats
+    # Lazy: PreciseBN (bn_jax.nn) is optional for this module.
+    from bn_jax.nn.precise_bn import precise_batch_stats
     population_stats = precise_batch_stats(
         _apply_image(model), variables, precise_batches,
         num_batches=num_precise_batches, train=True, rngs=rngs)
@@ -105,7 +105,7 @@ def statistics_consistency(
   evals = {mode: _make_eval(model, mode, rngs) for mode in variants}
   totals = {mode: np.zeros(3, np.float64) for mode in variants}
   for batch in eval_batches:
-    _check_batch(batch)
+    check_batch(batch)
     mask = batch.get("mask")
     if mask is not None and not bool(np.all(np.asarray(mask))):
       raise ValueError("eval_batches contains a padded batch (mask has False "

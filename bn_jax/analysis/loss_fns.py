@@ -8,33 +8,12 @@ from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
+
+from bn_jax.training.steps import cross_entropy_sums
 
 
-def cross_entropy_sums(logits, labels, mask=None):
-  """(sum of per-example cross-entropies, number of correct predictions,
-  number of examples), counting only examples where ``mask`` is True.
-
-  Sums rather than means so that they can be accumulated over batches.
-  """
-  if logits.ndim != 2:
-    raise ValueError(f"logits must have shape [batch, num_classes], got "
-                     f"{logits.shape}.")
-  labels = jnp.asarray(labels)
-  if labels.shape != logits.shape[:1] or not jnp.issubdtype(
-      labels.dtype, jnp.integer):
-    raise ValueError(f"labels must be integer class ids of shape "
-                     f"{logits.shape[:1]}, got {labels.dtype}{labels.shape}.")
-  weights = (jnp.ones(labels.shape, jnp.float32) if mask is None
-             else jnp.asarray(mask).astype(jnp.float32))
-  per_example = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), labels)
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-  return (jnp.sum(per_example * weights), jnp.sum(correct * weights),
-          jnp.sum(weights))
-
-
-def _check_batch(batch):
+def check_batch(batch) -> None:
+  """ValueError unless ``batch`` is a dict with ``image`` and ``label``."""
   if isinstance(batch, Mapping) and "image" in batch and "label" in batch:
     return
   got = (f"keys {list(batch)}" if isinstance(batch, Mapping)
@@ -79,7 +58,7 @@ def make_loss_fn(
     raise TypeError(f"model must be a flax module with .apply, got {model!r}.")
 
   def loss_fn(params, batch_stats, batch):
-    _check_batch(batch)
+    check_batch(batch)
     variables = dict(extra_variables or {})
     variables["params"] = params
     if batch_stats is not None:

@@ -41,7 +41,8 @@ def make_analysis_fn(config, model, tx) -> Callable[..., dict]:
     if "ics" in names:
       out.update(analysis.internal_covariate_shift(
           loss_fn, params, batch_stats, batch,
-          update_fn=analysis.optax_update_fn(tx, opt_state)))
+          update_fn=analysis.optax_update_fn(tx, opt_state),
+          layers=model.layer_names()))  # the model's own forward order
     if "landscape" in names:
       out.update(analysis.landscape_probe(loss_fn, params, batch_stats, batch,
                                           step_sizes=step_sizes))

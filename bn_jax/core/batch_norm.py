@@ -50,6 +50,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from bn_jax.core import validation
+# The shared helpers are imported by name: other normalizations import them
+# from here too.
+from bn_jax.core.common import (affine, broadcast_mask, check_common,  # noqa: F401
+                                check_enough_values, ema_update,
+                                feature_layout, normalize_with,
+                                running_inputs)
 from bn_jax.core.moments import Moments, centered, moments, stats_dtype
 
 
@@ -71,28 +77,6 @@ def batch_norm_state(num_features, dtype=jnp.float32) -> BatchNormState:
   for s in shape:
     validation.check_positive_int(s, "num_features")
   return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, dtype))
-
-
-def feature_layout(x: jax.Array, axis):
-  """(feature_axes, reduction_axes, feature_shape, broadcast_shape)."""
-  feature_axes = validation.normalize_axes(axis, x.ndim, "axis")
-  reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
-  broadcast_shape = tuple(
-      x.shape[i] if i in feature_axes else 1 for i in range(x.ndim))
-  return feature_axes, reduction_axes, feature_shape, broadcast_shape
-
-
-def _broadcast_mask(mask, shape):
-  """``mask`` as a boolean array of ``shape`` (None stays None)."""
-  if mask is None:
-    return None
-  mask = jnp.asarray(mask)
-  try:
-    return jnp.broadcast_to(mask.astype(bool), shape)
-  except ValueError:
-    raise ValueError(f"mask has shape {mask.shape}, which does not broadcast "
-                     f"to the input's shape {tuple(shape)}.") from None
 
 
 def _check_ghost(x, axis, ghost_batch_size, axis_name) -> int:
@@ -127,7 +111,7 @@ def batch_statistics(
   """
   validation.check_floating(x)
   feature_axes, reduction_axes, _, _ = feature_layout(x, axis)
-  mask = _broadcast_mask(mask, x.shape)
+  mask = broadcast_mask(mask, x.shape)
   if ghost_batch_size is None:
     return moments(x, reduction_axes, mask=mask, axis_name=axis_name,
                    axis_index_groups=axis_index_groups)
@@ -137,94 +121,6 @@ def batch_statistics(
   mg = None if mask is None else mask.reshape(xg.shape)
   group_axes = (1,) + tuple(a + 1 for a in reduction_axes if a != 0)
   return moments(xg, group_axes, mask=mg)
-
-
-def _check_enough_values(x, reduction_axes, ghost_batch_size, mask, axis_name):
-  if mask is not None or axis_name is not None:
-    return  # the count is only known at run time
-  count = 1
-  for a in reduction_axes:
-    count *= x.shape[a]
-  if ghost_batch_size is not None:
-    count = count // x.shape[0] * ghost_batch_size
-  if count < 2:
-    raise ValueError(
-        f"train-mode batch norm needs more than 1 value per feature to compute "
-        f"a variance, got x of shape {x.shape} (1 value per feature"
-        f"{' per ghost batch' if ghost_batch_size else ''}). Use a larger "
-        "batch, train=False, or a per-sample norm (group_norm, layer_norm).")
-
-
-def running_inputs(batch: Moments, feature_shape, *, grouped: bool = False,
-                   unbiased: bool = False):
-  """The per-feature (mean, var) a batch contributes to the running stats.
-
-  ``grouped``: ``batch`` has a leading ghost-group axis; groups are averaged.
-  ``unbiased``: Bessel's correction ``m / (m - 1)`` on the variance, with ``m``
-  the number of samples behind each group's statistics.
-  """
-  mean, var = batch.mean, batch.var
-  if unbiased:
-    var = var * batch.count / jnp.maximum(batch.count - 1.0, 1.0)
-  if grouped:
-    mean, var = jnp.mean(mean, axis=0), jnp.mean(var, axis=0)
-  return (lax.stop_gradient(mean.reshape(feature_shape)),
-          lax.stop_gradient(var.reshape(feature_shape)))
-
-
-def ema_update(state: BatchNormState, mean, var, *, momentum) -> BatchNormState:
-  """``new = momentum * old + (1 - momentum) * batch``, in the state's dtype."""
-  dtype = state.mean.dtype
-  new_mean = momentum * state.mean + (1.0 - momentum) * mean.astype(dtype)
-  new_var = momentum * state.var + (1.0 - momentum) * var.astype(dtype)
-  return BatchNormState(new_mean.astype(dtype), new_var.astype(dtype))
-
-
-def affine(x_hat, scale, bias, broadcast_shape):
-  """``x_hat * scale + bias`` with per-feature parameters."""
-  if scale is not None:
-    x_hat = x_hat * jnp.reshape(scale, broadcast_shape).astype(x_hat.dtype)
-  if bias is not None:
-    x_hat = x_hat + jnp.reshape(bias, broadcast_shape).astype(x_hat.dtype)
-  return x_hat
-
-
-def normalize_with(x, mean, var, scale, bias, *, epsilon, broadcast_shape):
-  """Inference-style affine map with given per-feature mean and variance.
-
-  One fused multiply-add per element: ``y = x * a + b`` with
-  ``a = scale / sqrt(var + eps)`` and ``b = bias - mean * a``.
-  """
-  dtype = stats_dtype(x.dtype)
-  mean = jnp.reshape(mean, broadcast_shape).astype(dtype)
-  inv = lax.rsqrt(jnp.reshape(var, broadcast_shape).astype(dtype) + epsilon)
-  if scale is not None:
-    inv = inv * jnp.reshape(scale, broadcast_shape).astype(dtype)
-  y = (x.astype(dtype) - mean) * inv
-  if bias is not None:
-    y = y + jnp.reshape(bias, broadcast_shape).astype(dtype)
-  return y.astype(x.dtype)
-
-
-def check_common(x, state, scale, bias, *, axis, momentum, epsilon,
-                 state_fields=("mean", "var")):
-  """Validation shared by the batch-statistics normalizations.
-
-  ``state_fields``: the feature-shaped entries of ``state`` (e.g. a step
-  counter is not one); returns ``feature_layout(x, axis)``.
-  """
-  validation.check_floating(x)
-  layout = feature_layout(x, axis)
-  feature_shape = layout[2]
-  if state is not None:
-    for field in state_fields:
-      validation.check_feature_shape(getattr(state, field), feature_shape,
-                                     f"state.{field}")
-  validation.check_feature_shape(scale, feature_shape, "scale")
-  validation.check_feature_shape(bias, feature_shape, "bias")
-  validation.check_momentum(momentum)
-  validation.check_epsilon(epsilon)
-  return layout
 
 
 class _TrainConfig(NamedTuple):
@@ -333,15 +229,6 @@ def _train_normalize_jvp(cfg: _TrainConfig, primals, tangents):
                                        jnp.zeros_like(m.count))
 
 
-def with_moments(y, new_state, batch: Optional[Moments], return_moments: bool):
-  """``(y, new_state)``, or ``(y, new_state, batch)`` when ``return_moments``.
-
-  The return convention of the ``return_moments`` flag of the batch-statistics
-  functions (``batch`` is None in eval mode).
-  """
-  return (y, new_state, batch) if return_moments else (y, new_state)
-
-
 def _hashable_groups(axis_index_groups):
   if axis_index_groups is None:
     return None
@@ -363,7 +250,6 @@ def batch_norm(
     axis_index_groups=None,
     ghost_batch_size: Optional[int] = None,
     mask: Optional[jax.Array] = None,
-    return_moments: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
   """Batch-normalizes ``x``; returns ``(y, new_state)``.
 
@@ -385,27 +271,56 @@ def batch_norm(
     ghost_batch_size: normalize groups of this many samples along axis 0
       separately (ghost / virtual BN).
     mask: boolean, broadcastable to ``x``; True entries enter the statistics.
-    return_moments: also return the batch's statistics, as
-      ``batch_statistics`` computes them (the PreciseBN hook stores them),
-      without computing them a second time.
 
   Returns:
-    ``(y, new_state)``; in eval mode ``new_state is state``. With
-    ``return_moments``: ``(y, new_state, moments)``, ``moments`` a
-    ``Moments`` in train mode and None in eval mode.
+    ``(y, new_state)``; in eval mode ``new_state is state``.
+  """
+  y, new_state, _ = batch_norm_with_moments(
+      x, state, scale, bias, train=train, axis=axis, momentum=momentum,
+      epsilon=epsilon, unbiased_running_var=unbiased_running_var,
+      axis_name=axis_name, axis_index_groups=axis_index_groups,
+      ghost_batch_size=ghost_batch_size, mask=mask)
+  return y, new_state
+
+
+def batch_norm_with_moments(
+    x: jax.Array,
+    state: BatchNormState,
+    scale: Optional[jax.Array] = None,
+    bias: Optional[jax.Array] = None,
+    *,
+    train: bool,
+    axis=-1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    unbiased_running_var: bool = False,
+    axis_name=None,
+    axis_index_groups=None,
+    ghost_batch_size: Optional[int] = None,
+    mask: Optional[jax.Array] = None,
+) -> tuple[jax.Array, BatchNormState, Optional[Moments]]:
+  """:func:`batch_norm` that also returns the batch moments it used.
+
+  Internal (not in ``bn_jax.__all__``): the PreciseBN hooks of the Flax
+  modules store these moments without computing them a second time.
+
+  Returns:
+    ``(y, new_state, moments)``: ``moments`` is the batch's ``Moments`` as
+    :func:`batch_statistics` computes them (a leading group axis with ghost
+    batches) in train mode, and None in eval mode.
   """
   _, reduction_axes, feature_shape, bshape = check_common(
       x, state, scale, bias, axis=axis, momentum=momentum, epsilon=epsilon)
   if not train:
     y = normalize_with(x, state.mean, state.var, scale, bias, epsilon=epsilon,
                        broadcast_shape=bshape)
-    return with_moments(y, state, None, return_moments)
+    return y, state, None
   if ghost_batch_size is not None:
     ghost_batch_size = _check_ghost(x, axis, ghost_batch_size, axis_name)
-  _check_enough_values(x, reduction_axes, ghost_batch_size, mask, axis_name)
+  check_enough_values(x, reduction_axes, ghost_batch_size, mask, axis_name)
   dtype = stats_dtype(x.dtype)
   xs = x.astype(dtype)
-  mask = _broadcast_mask(mask, x.shape)
+  mask = broadcast_mask(mask, x.shape)
   if ghost_batch_size is None:
     axes = reduction_axes
   else:  # normalize groups of ghost_batch_size samples: a leading group axis
@@ -425,5 +340,4 @@ def batch_norm(
   mean, var = running_inputs(batch, feature_shape,
                              grouped=ghost_batch_size is not None,
                              unbiased=unbiased_running_var)
-  return with_moments(y, ema_update(state, mean, var, momentum=momentum),
-                      batch, return_moments)
+  return y, ema_update(state, mean, var, momentum=momentum), batch

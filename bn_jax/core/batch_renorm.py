@@ -62,12 +62,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from bn_jax.core import validation
-from bn_jax.core.batch_norm import (BatchNormState, _check_enough_values,
-                                    affine, batch_norm_state, batch_statistics,
-                                    check_common, ema_update, normalize_with,
-                                    running_inputs, with_moments)
-from bn_jax.core.moments import centered
-from bn_jax.core.validation import _is_static_number
+from bn_jax.core.batch_norm import (BatchNormState, batch_norm_state,
+                                    batch_statistics)
+from bn_jax.core.common import (affine, check_common, check_enough_values,
+                                ema_update, normalize_with, running_inputs)
+from bn_jax.core.moments import Moments, centered
 
 
 class BatchRenormState(NamedTuple):
@@ -106,7 +105,7 @@ def _check_schedule(warmup_steps, r_max_final, r_max_steps, d_max_final,
   for name, value, low in (("r_max_final", r_max_final, 1.0),
                            ("d_max_final", d_max_final, 0.0),
                            ("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
-    if value is not None and _is_static_number(value) and not (
+    if value is not None and validation.is_static_number(value) and not (
         float(value) >= low):
       raise ValueError(f"{name} must be >= {low}, got {float(value)}.")
 
@@ -161,7 +160,6 @@ def batch_renorm(
     axis_name=None,
     axis_index_groups=None,
     mask: Optional[jax.Array] = None,
-    return_moments: bool = False,
 ) -> tuple[jax.Array, BatchRenormState]:
   """Batch-renormalizes ``x``; returns ``(y, new_state)``.
 
@@ -191,12 +189,47 @@ def batch_renorm(
     axis_name: SyncBN across this mapped axis (count-weighted).
     axis_index_groups: device groups for SyncBN.
     mask: boolean, broadcastable to ``x``; True entries enter the statistics.
-    return_moments: also return the batch moments ``mu_B``, ``sigma_B^2``
-      (as in ``batch_norm``).
 
   Returns:
-    ``(y, new_state)``; in eval mode ``new_state is state``. With
-    ``return_moments``: ``(y, new_state, moments)`` (None in eval mode).
+    ``(y, new_state)``; in eval mode ``new_state is state``.
+  """
+  y, new_state, _ = batch_renorm_with_moments(
+      x, state, scale, bias, train=train, axis=axis, momentum=momentum,
+      epsilon=epsilon, r_max=r_max, d_max=d_max, warmup_steps=warmup_steps,
+      r_max_final=r_max_final, r_max_steps=r_max_steps,
+      d_max_final=d_max_final, d_max_steps=d_max_steps,
+      unbiased_running_var=unbiased_running_var, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, mask=mask)
+  return y, new_state
+
+
+def batch_renorm_with_moments(
+    x: jax.Array,
+    state: BatchRenormState,
+    scale: Optional[jax.Array] = None,
+    bias: Optional[jax.Array] = None,
+    *,
+    train: bool,
+    axis=-1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    r_max=None,
+    d_max=None,
+    warmup_steps: int = 5000,
+    r_max_final: float = 3.0,
+    r_max_steps: int = 40000,
+    d_max_final: float = 5.0,
+    d_max_steps: int = 25000,
+    unbiased_running_var: bool = False,
+    axis_name=None,
+    axis_index_groups=None,
+    mask: Optional[jax.Array] = None,
+) -> tuple[jax.Array, BatchRenormState, Optional[Moments]]:
+  """:func:`batch_renorm` that also returns the batch moments it used.
+
+  Internal (not in ``bn_jax.__all__``), for the PreciseBN hooks: returns
+  ``(y, new_state, moments)`` with the plain batch moments ``mu_B``,
+  ``sigma_B^2`` of ``x`` (``Moments``; None in eval mode).
   """
   _, reduction_axes, feature_shape, bshape = check_common(
       x, state, scale, bias, axis=axis, momentum=momentum, epsilon=epsilon)
@@ -205,8 +238,8 @@ def batch_renorm(
   if not train:
     y = normalize_with(x, state.mean, state.var, scale, bias, epsilon=epsilon,
                        broadcast_shape=bshape)
-    return with_moments(y, state, None, return_moments)
-  _check_enough_values(x, reduction_axes, None, mask, axis_name)
+    return y, state, None
+  check_enough_values(x, reduction_axes, None, mask, axis_name)
   sched_r, sched_d = batch_renorm_limits(
       state.step, warmup_steps=warmup_steps, r_max_final=r_max_final,
       r_max_steps=r_max_steps, d_max_final=d_max_final,
@@ -231,5 +264,4 @@ def batch_renorm(
   mean, var = running_inputs(m, feature_shape, unbiased=unbiased_running_var)
   stats = ema_update(BatchNormState(state.mean, state.var), mean, var,
                      momentum=momentum)
-  return with_moments(y, BatchRenormState(stats.mean, stats.var,
-                                          state.step + 1), m, return_moments)
+  return y, BatchRenormState(stats.mean, stats.var, state.step + 1), m

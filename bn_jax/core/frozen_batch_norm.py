@@ -24,7 +24,8 @@ from typing import Optional
 import jax
 from jax import lax
 
-from bn_jax.core.batch_norm import BatchNormState, check_common, normalize_with
+from bn_jax.core.batch_norm import BatchNormState
+from bn_jax.core.common import check_common, normalize_with
 
 
 def frozen_batch_norm(

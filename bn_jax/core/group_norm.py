@@ -36,7 +36,7 @@ import jax
 from jax import lax
 
 from bn_jax.core import validation
-from bn_jax.core.batch_norm import affine
+from bn_jax.core.common import affine, broadcast_mask
 from bn_jax.core.moments import centered, moments
 
 
@@ -80,13 +80,17 @@ def group_norm(
     num_groups: Optional[int] = 32,
     group_size: Optional[int] = None,
     axis: int = -1,
+    reduction_axes=None,
     epsilon: float = 1e-6,
+    mask: Optional[jax.Array] = None,
+    axis_name=None,
+    axis_index_groups=None,
 ) -> tuple[jax.Array, GroupNormState]:
   """Group-normalizes ``x``; returns ``(y, state)``.
 
   Args:
-    x: floating input with a batch axis 0 and at least one more axis, e.g.
-      ``[N, C]`` or NHWC ``[N, H, W, C]``.
+    x: floating input, e.g. ``[N, C]`` or NHWC ``[N, H, W, C]``; a 1-D
+      input is one unbatched sample (as in flax).
     state: ``GroupNormState()`` (empty); returned unchanged.
     scale: optional per-channel gamma, shape ``(C,)``.
     bias: optional per-channel beta, shape ``(C,)``.
@@ -95,24 +99,44 @@ def group_norm(
     num_groups: number of channel groups ``G`` (default 32, the paper's);
       pass ``None`` when giving ``group_size``.
     group_size: channels per group (``C / G``); exclusive with ``num_groups``.
-    axis: the channel axis (a single int, not 0: axis 0 is the batch axis).
+    axis: the channel axis (a single int).
+    reduction_axes: the axes the statistics are over, which must include the
+      channel axis (flax's ``reduction_axes``; only the group's channels of
+      that axis enter each statistic). None: every axis but the batch axis 0
+      (the channel axis, which must then not be 0, for a 1-D input).
     epsilon: added to the group variance inside the square root, > 0.
+    mask: boolean, broadcastable to ``x``; only True entries enter the
+      statistics (every entry is normalized).
+    axis_name: statistics also over this mapped axis (for features sharded
+      across devices; count-weighted ``psum``). Not for data parallelism:
+      the statistics are per sample.
+    axis_index_groups: device groups for ``axis_name``.
 
   Returns:
     ``(y, state)`` with ``y`` of ``x``'s shape and dtype.
   """
   del train  # same computation in both modes
   validation.check_floating(x)
-  if x.ndim < 2:
-    raise ValueError("group_norm needs a batch axis 0 and a channel axis, got "
-                     f"x of shape {x.shape}.")
+  if x.ndim < 1:
+    raise ValueError(f"group_norm needs a channel axis, got x of shape "
+                     f"{x.shape}.")
   if not isinstance(axis, numbers.Integral):
     raise TypeError(f"axis must be a single int (the channel axis), got "
                     f"{axis!r}.")
   (ch_axis,) = validation.normalize_axes(axis, x.ndim, "axis")
-  if ch_axis == 0:
-    raise ValueError("axis must not be 0: axis 0 is the batch axis of "
-                     "group_norm (statistics are per sample).")
+  if reduction_axes is None:
+    if ch_axis == 0 and x.ndim > 1:
+      raise ValueError("axis must not be 0: axis 0 is the batch axis of "
+                       "group_norm (statistics are per sample); pass "
+                       "reduction_axes to choose the axes yourself.")
+    reduced = tuple(range(1, x.ndim)) if x.ndim > 1 else (ch_axis,)
+  else:
+    reduced = validation.normalize_axes(reduction_axes, x.ndim,
+                                        "reduction_axes")
+    if ch_axis not in reduced:
+      raise ValueError(
+          f"reduction_axes={reduction_axes!r} must include the channel axis "
+          f"(axis={axis!r}): each group's statistics are over its channels.")
   channels = x.shape[ch_axis]
   groups = resolve_num_groups(channels, num_groups, group_size)
   validation.check_feature_shape(scale, (channels,), "scale")
@@ -120,13 +144,19 @@ def group_norm(
   validation.check_epsilon(epsilon)
 
   # Split the channel axis into (groups, channels per group); the group axis
-  # then takes the channel axis' position and everything else except the
-  # batch axis and the group axis is reduced.
+  # takes the channel axis' position, the channels-in-group axis follows.
   grouped_shape = (x.shape[:ch_axis] + (groups, channels // groups) +
                    x.shape[ch_axis + 1:])
   xg = x.reshape(grouped_shape)
-  reduction_axes = tuple(i for i in range(1, xg.ndim) if i != ch_axis)
-  m = moments(xg, reduction_axes)
+  mask = broadcast_mask(mask, x.shape)
+  if mask is not None:
+    mask = mask.reshape(grouped_shape)
+  # Reduced: the reduced non-channel axes (shifted past the split) and the
+  # channels-in-group axis; the group axis is kept.
+  grouped_axes = tuple(a if a < ch_axis else a + 1 for a in reduced
+                       if a != ch_axis) + (ch_axis + 1,)
+  m = moments(xg, tuple(sorted(grouped_axes)), mask=mask,
+              axis_name=axis_name, axis_index_groups=axis_index_groups)
   y = (centered(xg, m) * lax.rsqrt(m.var + epsilon)).reshape(x.shape)
   bshape = tuple(channels if i == ch_axis else 1 for i in range(x.ndim))
   return affine(y, scale, bias, bshape).astype(x.dtype), state

@@ -9,9 +9,9 @@ features):
    \sigma^2 = \operatorname{mean}_{\text{axis}} (x - \mu)^2,\qquad
    y = \gamma \, \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
 
-``gamma``/``beta`` have the shape of the normalized axes
-(``tuple(x.shape[a] for a in axis)``). This is ``flax.linen.LayerNorm`` with
-``reduction_axes = feature_axes = axis``. No statistics are kept and the
+``gamma``/``beta`` have the shape of the feature axes ``feature_axes``
+(default: the normalized axes). This is ``flax.linen.LayerNorm`` with
+``reduction_axes = axis``. No statistics are kept and the
 computation is the same in train and eval mode; ``state`` is an empty
 ``LayerNormState`` returned unchanged so that every normalization has the same
 signature. Statistics are in at least float32 (shifted one-pass formula of
@@ -25,7 +25,7 @@ import jax
 from jax import lax
 
 from bn_jax.core import validation
-from bn_jax.core.batch_norm import affine
+from bn_jax.core.common import affine, broadcast_mask
 from bn_jax.core.moments import centered, moments
 
 
@@ -46,20 +46,32 @@ def layer_norm(
     *,
     train: bool = True,
     axis=-1,
+    feature_axes=None,
     epsilon: float = 1e-6,
+    mask: Optional[jax.Array] = None,
+    axis_name=None,
+    axis_index_groups=None,
 ) -> tuple[jax.Array, LayerNormState]:
   """Layer-normalizes ``x`` over ``axis``; returns ``(y, state)``.
 
   Args:
     x: floating input, any rank >= 1.
     state: ``LayerNormState()`` (empty); returned unchanged.
-    scale: optional gamma with the shape of the normalized axes.
-    bias: optional beta with the shape of the normalized axes.
+    scale: optional gamma with the shape of the feature axes.
+    bias: optional beta with the shape of the feature axes.
     train: unused (same computation in both modes); accepted so all
       normalizations are interchangeable.
-    axis: the normalized axis or tuple of axes (statistics are over these,
-      separately for every index of the other axes).
+    axis: the normalized (reduction) axis or tuple of axes: statistics are
+      over these, separately for every index of the other axes (flax's
+      ``reduction_axes``).
+    feature_axes: the axes ``scale`` and ``bias`` run along (flax's
+      ``feature_axes``); None means ``axis``.
     epsilon: added to the variance inside the square root, > 0.
+    mask: boolean, broadcastable to ``x``; only True entries enter the
+      statistics (every entry is normalized).
+    axis_name: statistics also over this mapped axis (for features sharded
+      across devices; count-weighted ``psum``).
+    axis_index_groups: device groups for ``axis_name``.
 
   Returns:
     ``(y, state)`` with ``y`` of ``x``'s shape and dtype.
@@ -67,11 +79,14 @@ def layer_norm(
   del train  # same computation in both modes
   validation.check_floating(x)
   axes = validation.normalize_axes(axis, x.ndim, "axis")
-  normalized_shape = tuple(x.shape[a] for a in axes)
-  validation.check_feature_shape(scale, normalized_shape, "scale")
-  validation.check_feature_shape(bias, normalized_shape, "bias")
+  feature = axes if feature_axes is None else validation.normalize_axes(
+      feature_axes, x.ndim, "feature_axes")
+  param_shape = tuple(x.shape[a] for a in feature)
+  validation.check_feature_shape(scale, param_shape, "scale")
+  validation.check_feature_shape(bias, param_shape, "bias")
   validation.check_epsilon(epsilon)
-  m = moments(x, axes)
+  m = moments(x, axes, mask=broadcast_mask(mask, x.shape),
+              axis_name=axis_name, axis_index_groups=axis_index_groups)
   y = centered(x, m) * lax.rsqrt(m.var + epsilon)
-  bshape = tuple(x.shape[i] if i in axes else 1 for i in range(x.ndim))
+  bshape = tuple(x.shape[i] if i in feature else 1 for i in range(x.ndim))
   return affine(y, scale, bias, bshape).astype(x.dtype), state

@@ -37,9 +37,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bn_jax.core.batch_norm import (BatchNormState, _check_enough_values,
-                                    affine, batch_norm_state, batch_statistics,
-                                    check_common, ema_update, normalize_with)
+from bn_jax.core.batch_norm import (BatchNormState, batch_norm_state,
+                                    batch_statistics)
+from bn_jax.core.common import (affine, check_common, check_enough_values,
+                                ema_update, normalize_with)
 from bn_jax.core.moments import centered
 
 
@@ -125,7 +126,7 @@ def lp_norm(
                                                      jnp.float32))
     return normalize_with(x, state.mean, norm * norm, scale, bias,
                           epsilon=epsilon, broadcast_shape=bshape), state
-  _check_enough_values(x, reduction_axes, None, mask, axis_name)
+  check_enough_values(x, reduction_axes, None, mask, axis_name)
   m = batch_statistics(x, axis=axis, mask=mask, axis_name=axis_name,
                        axis_index_groups=axis_index_groups)
   c = centered(x, m)

@@ -39,8 +39,9 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from bn_jax.core.batch_norm import BatchNormState, batch_norm, feature_layout
-from bn_jax.core.moments import stats_dtype
+from bn_jax.core.batch_norm import BatchNormState, batch_norm_with_moments
+from bn_jax.core.common import feature_layout
+from bn_jax.core.moments import Moments, stats_dtype
 
 
 class NoiseRanges(NamedTuple):
@@ -86,7 +87,6 @@ def noisy_batch_norm(
     axis_index_groups=None,
     ghost_batch_size: Optional[int] = None,
     mask: Optional[jax.Array] = None,
-    return_moments: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
   """Batch norm followed (in training) by step-varying additive noise.
 
@@ -113,27 +113,58 @@ def noisy_batch_norm(
     axis_index_groups: device groups for SyncBN.
     ghost_batch_size: as in ``batch_norm`` (ghost / virtual BN).
     mask: as in ``batch_norm`` (True entries enter the statistics).
-    return_moments: as in ``batch_norm`` (the moments of ``x``; the noise
-      does not enter them).
 
   Returns:
     ``(y, new_state)``; the state update is batch norm's (noise does not
-    enter the running statistics). With ``return_moments``:
-    ``(y, new_state, moments)``.
+    enter the running statistics).
+  """
+  y, new_state, _ = noisy_batch_norm_with_moments(
+      x, state, scale, bias, key=key, train=train,
+      noise_mean_range=noise_mean_range, noise_std_range=noise_std_range,
+      axis=axis, momentum=momentum, epsilon=epsilon,
+      unbiased_running_var=unbiased_running_var, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size,
+      mask=mask)
+  return y, new_state
+
+
+def noisy_batch_norm_with_moments(
+    x: jax.Array,
+    state: BatchNormState,
+    scale: Optional[jax.Array] = None,
+    bias: Optional[jax.Array] = None,
+    *,
+    key: Optional[jax.Array] = None,
+    train: bool,
+    noise_mean_range: tuple[float, float] = (-1.0, 1.0),
+    noise_std_range: tuple[float, float] = (0.5, 1.5),
+    axis=-1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    unbiased_running_var: bool = False,
+    axis_name=None,
+    axis_index_groups=None,
+    ghost_batch_size: Optional[int] = None,
+    mask: Optional[jax.Array] = None,
+) -> tuple[jax.Array, BatchNormState, Optional[Moments]]:
+  """:func:`noisy_batch_norm` that also returns the batch moments it used.
+
+  Internal (not in ``bn_jax.__all__``), for the PreciseBN hooks: returns
+  ``(y, new_state, moments)``, ``moments`` those of ``x`` (the noise does not
+  enter them; None in eval mode).
   """
   ranges = check_noise_ranges(noise_mean_range, noise_std_range)
   if train and key is None:
     raise ValueError("noisy_batch_norm needs a PRNG `key` in train mode (the "
                      "noise is re-drawn every step), got key=None. In flax "
                      "pass rngs={'noise': key}.")
-  y, new_state, *batch = batch_norm(
+  y, new_state, batch = batch_norm_with_moments(
       x, state, scale, bias, train=train, axis=axis, momentum=momentum,
       epsilon=epsilon, unbiased_running_var=unbiased_running_var,
       axis_name=axis_name, axis_index_groups=axis_index_groups,
-      ghost_batch_size=ghost_batch_size, mask=mask,
-      return_moments=return_moments)
+      ghost_batch_size=ghost_batch_size, mask=mask)
   if not train:
-    return (y, new_state, *batch)
+    return y, new_state, batch
   _, _, feature_shape, bshape = feature_layout(x, axis)
   dtype = stats_dtype(x.dtype)
   key_mean, key_std, key_z = jax.random.split(key, 3)
@@ -143,4 +174,4 @@ def noisy_batch_norm(
   z = jax.random.normal(key_z, x.shape, dtype)
   noise = (jnp.reshape(noise_mean, bshape) +
            jnp.reshape(noise_std, bshape) * z)
-  return ((y.astype(dtype) + noise).astype(x.dtype), new_state, *batch)
+  return (y.astype(dtype) + noise).astype(x.dtype), new_state, batch

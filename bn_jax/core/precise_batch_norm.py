@@ -22,18 +22,14 @@ mean): ``sum n_B (mu_B - K)`` and ``sum n_B ((mu_B - K)^2 + var_B)``, so the
 final subtraction does not cancel catastrophically when ``|mu| >> sigma``
 (the same trick as :mod:`bn_jax.core.moments`).
 
-Where the per-batch moments come from: the Flax modules of :mod:`bn_jax.nn`
-store them in the ``batch_moments`` collection in training mode when that
-collection is mutable (``batch_moments/<layer path>/{mean,var,count}``).
-``precise_batch_stats`` drives a whole model through this hook; functional
+Where the per-batch moments come from is the front-ends' business: the Flax
+modules record them (Linen: :func:`bn_jax.nn.precise_batch_stats`; NNX:
+:func:`bn_jax.nnx.precise_batch_stats`), both drive
+:func:`accumulate_population_stats` and :func:`write_population_stats` of
+this module, which know trees of layers but no collection names. Functional
 users who thread their own state can call ``aggregate_batch_moments`` (or the
 streaming ``population_stats_init/update/result``) on moments they computed
 with :func:`bn_jax.core.batch_statistics`.
-
-Reference API users know: fvcore's
-``fvcore.nn.precise_bn.update_bn_stats(model, data_loader, num_iters=200)``;
-here ``precise_batch_stats(apply_fn, variables, batches, num_batches=200)``
-returns the new ``batch_stats`` instead of mutating a model.
 """
 from __future__ import annotations
 
@@ -179,31 +175,48 @@ def aggregate_batch_moments(batch_moments_seq):
   return population_stats_result(stats)
 
 
-def _write_back(batch_stats, population, path=()):
-  """Copy of ``batch_stats`` with every layer's mean/var replaced."""
+def write_population_stats(running_stats, population, *,
+                           name: str = "running statistics"):
+  """Copy of ``running_stats`` with every layer's ``mean``/``var`` replaced.
+
+  Args:
+    running_stats: nested mapping of the layers' running statistics (e.g. a
+      Linen ``batch_stats`` collection); every layer of ``population`` must
+      be there with ``mean`` and ``var`` entries of the same shapes.
+    population: the tree ``population_stats_result`` returns.
+    name: what ``running_stats`` is called in error messages.
+
+  Returns:
+    The new tree; replaced values keep their previous dtype, other entries
+    are unchanged.
+  """
+  return _write_back(running_stats, population, name)
+
+
+def _write_back(running_stats, population, name, path=()):
   where = "/".join(path) or "<root>"
-  if not isinstance(batch_stats, Mapping):
-    raise ValueError(f"batch_stats has no layer at {where} for the batch "
-                     "moments stored there.")
+  if not isinstance(running_stats, Mapping):
+    raise ValueError(f"{name} has no layer at {where} for the batch moments "
+                     "stored there.")
   if _is_result_layer(population):
     for k in ("mean", "var"):
-      if k not in batch_stats:
-        raise ValueError(f"batch_stats/{where} has no '{k}' entry to receive "
-                         "the population statistics.")
-      if jnp.shape(batch_stats[k]) != jnp.shape(population[k]):
+      if k not in running_stats:
+        raise ValueError(f"{name}/{where} has no '{k}' entry to receive the "
+                         "population statistics.")
+      if jnp.shape(running_stats[k]) != jnp.shape(population[k]):
         raise ValueError(
-            f"batch_stats/{where}/{k} has shape {jnp.shape(batch_stats[k])} "
+            f"{name}/{where}/{k} has shape {jnp.shape(running_stats[k])} "
             f"but the batch moments have shape {jnp.shape(population[k])}.")
-    new = dict(batch_stats)
+    new = dict(running_stats)
     for k in ("mean", "var"):
-      new[k] = population[k].astype(jnp.result_type(batch_stats[k]))
+      new[k] = population[k].astype(jnp.result_type(running_stats[k]))
     return new
-  new = dict(batch_stats)
+  new = dict(running_stats)
   for k, v in population.items():
-    if k not in batch_stats:
-      raise ValueError(f"batch_stats has no entry {'/'.join(path + (k,))} for "
-                       "the batch moments stored there.")
-    new[k] = _write_back(batch_stats[k], v, path + (str(k),))
+    if k not in running_stats:
+      raise ValueError(f"{name} has no entry {'/'.join(path + (str(k),))} "
+                       "for the batch moments stored there.")
+    new[k] = _write_back(running_stats[k], v, name, path + (str(k),))
   return new
 
 
@@ -212,53 +225,33 @@ def _is_result_layer(node) -> bool:
       not isinstance(v, Mapping) for v in node.values())
 
 
-def precise_batch_stats(
-    apply_fn: Callable[..., Any],
-    variables: Mapping[str, Any],
+def accumulate_population_stats(
+    moments_fn: Callable[[Any, Any], Any],
+    frozen: Any,
     batches: Iterable[Any],
     *,
     num_batches: Optional[int] = None,
-    **apply_kwargs,
-) -> dict:
-  """PreciseBN: recomputes every layer's ``mean``/``var`` as population stats.
+):
+  """PreciseBN's loop: population statistics of every layer over ``batches``.
 
-  Runs ``apply_fn(variables, batch, mutable=['batch_stats', 'batch_moments'],
-  **apply_kwargs)`` under one ``jax.jit`` (one compilation per batch shape)
-  for each batch, with the weights and the incoming ``batch_stats`` frozen
-  (the EMA updates the forward pass computes are discarded), and aggregates
-  the moments every batch-statistics layer stores in ``batch_moments`` (see
-  the module docstring for the formula).
-
-  Example (the reference is fvcore's ``update_bn_stats(model, loader,
-  num_iters=200)``)::
-
-    batch_stats = precise_batch_stats(
-        lambda v, b, **kw: model.apply(v, b['image'], **kw),
-        {'params': params, 'batch_stats': batch_stats}, batches,
-        num_batches=200, train=True)
+  Calls ``moments_fn(frozen, batch)`` -- a training-mode forward pass that
+  returns the tree of per-layer batch moments (layers ``{'mean', 'var',
+  'count'}``) -- under one ``jax.jit`` (one compilation per batch shape), and
+  accumulates the moments count-weighted (see the module docstring).
 
   Args:
-    apply_fn: ``apply_fn(variables, batch, *, mutable, **apply_kwargs)``
-      returning ``(output, mutated_collections)``, a training-mode forward
-      (e.g. ``model.apply`` with ``train=True`` in ``apply_kwargs``).
-    variables: the model variables; must contain ``batch_stats``.
-    batches: an iterable of batches, passed to ``apply_fn`` as they are.
+    moments_fn: ``moments_fn(frozen, batch) -> tree of layer moments``; it
+      must not depend on anything but its arguments (it is traced).
+    frozen: the pytree of arrays ``moments_fn`` reads (the frozen weights
+      and running statistics), passed as a ``jit`` argument.
+    batches: an iterable of batches, passed to ``moments_fn`` as they are.
     num_batches: use the first ``num_batches`` batches (all if None). A
       ValueError is raised if ``batches`` runs out before.
-    **apply_kwargs: passed to ``apply_fn`` (e.g. ``train=True``, ``rngs=``).
-      They are closed over: the same ``rngs`` are used for every batch.
 
   Returns:
-    A copy of ``variables['batch_stats']`` in which the ``mean`` and ``var``
-    of every layer that stored batch moments are the population statistics
-    (cast to their previous dtype); other entries are unchanged.
+    ``population_stats_result`` of the accumulated sums: per layer
+    ``{'mean', 'var'}`` (biased variance).
   """
-  if not isinstance(variables, Mapping) or "batch_stats" not in variables:
-    raise ValueError("variables must be a mapping with a 'batch_stats' "
-                     "collection (the model's running statistics).")
-  if "mutable" in apply_kwargs:
-    raise ValueError("do not pass mutable=: precise_batch_stats sets "
-                     "mutable=['batch_stats', 'batch_moments'] itself.")
   if num_batches is not None:
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or (
         num_batches < 1):
@@ -266,34 +259,19 @@ def precise_batch_stats(
                        f"{num_batches!r}.")
     batches = itertools.islice(batches, num_batches)
 
-  def batch_moments_of(variables, batch):
-    _, mutated = apply_fn(variables, batch,
-                          mutable=["batch_stats", "batch_moments"],
-                          **apply_kwargs)
-    moments = mutated.get("batch_moments") if isinstance(
-        mutated, Mapping) else None
-    if not moments:
-      raise ValueError(
-          "apply_fn stored no batch moments: run it in training mode (e.g. "
-          "train=True / use_running_average=False) on a model built from "
-          "bn_jax.nn batch-statistics modules, which fill the 'batch_moments' "
-          "collection.")
-    return moments
-
   @jax.jit
-  def step(stats, variables, batch):
-    return population_stats_update(stats, batch_moments_of(variables, batch))
+  def step(stats, frozen, batch):
+    return population_stats_update(stats, moments_fn(frozen, batch))
 
   stats, seen = None, 0
   for batch in batches:
     if stats is None:
-      shapes = jax.eval_shape(batch_moments_of, variables, batch)
-      stats = population_stats_init(shapes)
-    stats = step(stats, variables, batch)
+      stats = population_stats_init(jax.eval_shape(moments_fn, frozen, batch))
+    stats = step(stats, frozen, batch)
     seen += 1
   if seen == 0:
     raise ValueError("batches is empty: PreciseBN needs at least one batch.")
   if num_batches is not None and seen < num_batches:
     raise ValueError(f"num_batches={num_batches} but batches yielded only "
                      f"{seen}.")
-  return _write_back(variables["batch_stats"], population_stats_result(stats))
+  return population_stats_result(stats)

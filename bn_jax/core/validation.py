@@ -14,12 +14,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _is_static_number(value) -> bool:
-  """True when ``value`` is a concrete Python/NumPy number (not a tracer)."""
+def is_static_number(value) -> bool:
+  """True when ``value`` is a concrete Python/NumPy number (not a tracer).
+
+  The range checks run only on such values: a traced hyperparameter (e.g. a
+  scheduled momentum) is known only at run time.
+  """
   if isinstance(value, jax.core.Tracer):
     return False
   return isinstance(value, (numbers.Number, np.ndarray, np.generic)) or (
       isinstance(value, jax.Array) and value.ndim == 0)
+
+
+# Old private name, still read by cross_iteration_batch_norm.py (owned by
+# another change); new code calls ``is_static_number``.
+_is_static_number = is_static_number
 
 
 def check_floating(x, name: str = "x") -> None:
@@ -61,7 +70,7 @@ def normalize_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
 
 def check_momentum(momentum, name: str = "momentum") -> None:
   """momentum is the weight of the old value; it must lie in [0, 1)."""
-  if _is_static_number(momentum):
+  if is_static_number(momentum):
     m = float(momentum)
     if not 0.0 <= m < 1.0:
       raise ValueError(
@@ -70,7 +79,7 @@ def check_momentum(momentum, name: str = "momentum") -> None:
 
 
 def check_epsilon(epsilon, name: str = "epsilon") -> None:
-  if _is_static_number(epsilon):
+  if is_static_number(epsilon):
     e = float(epsilon)
     if not e > 0.0:
       raise ValueError(f"{name} must be > 0 (it keeps 1/sqrt(var + {name}) "

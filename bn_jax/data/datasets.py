@@ -82,29 +82,43 @@ class _Spec:
   tfds_name: Optional[str]
   subdirs: tuple[str, ...]  # where the standard files live under data_dir
   files_help: str
+  image_shape: tuple[int, int, int] = (0, 0, 0)  # (H, W, C)
 
 
 _SPECS = {
-    "digits": _Spec(10, "digits", None, (), "bundled with scikit-learn"),
+    "digits": _Spec(10, "digits", None, (), "bundled with scikit-learn",
+                    image_shape=(8, 8, 1)),
     "mnist": _Spec(
         10, "idx", "mnist", ("mnist",),
         "the MNIST IDX files (train-images-idx3-ubyte.gz, "
         "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-        "t10k-labels-idx1-ubyte.gz) in DIR/mnist/ or DIR"),
+        "t10k-labels-idx1-ubyte.gz) in DIR/mnist/ or DIR",
+        image_shape=(28, 28, 1)),
     "fashion_mnist": _Spec(
         10, "idx", "fashion_mnist", ("fashion-mnist", "fashion_mnist"),
         "the Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, "
         "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-        "t10k-labels-idx1-ubyte.gz) in DIR/fashion-mnist/ or DIR"),
+        "t10k-labels-idx1-ubyte.gz) in DIR/fashion-mnist/ or DIR",
+        image_shape=(28, 28, 1)),
     "cifar10": _Spec(
         10, "cifar10", "cifar10", ("cifar-10-batches-bin",),
         "the CIFAR-10 binary version (data_batch_1.bin .. data_batch_5.bin, "
-        "test_batch.bin) in DIR/cifar-10-batches-bin/ or DIR"),
+        "test_batch.bin) in DIR/cifar-10-batches-bin/ or DIR",
+        image_shape=(32, 32, 3)),
     "cifar100": _Spec(
         100, "cifar100", "cifar100", ("cifar-100-binary",),
         "the CIFAR-100 binary version (train.bin, test.bin) in "
-        "DIR/cifar-100-binary/ or DIR"),
+        "DIR/cifar-100-binary/ or DIR", image_shape=(32, 32, 3)),
 }
+
+
+def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
+  """``(image_shape (H, W, C), num_classes)`` of dataset ``name``, without
+  loading it (config validation builds the model on it first)."""
+  if name not in _SPECS:
+    raise ValueError(f"dataset name={name!r} is not known; valid choices are "
+                     f"{DATASETS}.")
+  return _SPECS[name].image_shape, _SPECS[name].num_classes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

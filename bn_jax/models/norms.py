@@ -30,6 +30,8 @@ nonlinearity), and returns the normalized pre-activation::
   'frozen'    Conv/Dense without bias -> bn_jax.nn.FrozenBatchNorm.
   'cbn'       bn_jax.nn.ConvCBN / DenseCBN: they own the kernel, because
               Cross-Iteration BN compensates old statistics with the kernel.
+  'naive_cbn' the same with ``rho=0`` unless norm_kwargs sets it: past
+              statistics used without compensation (Yao et al.'s baseline).
 
 The bias of a Conv/Dense followed by a normalization is dropped because the
 mean subtraction cancels it (BN paper, Section 3.2).
@@ -56,9 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from bn_jax import nn as bn_nn
-
-NORMS = ('none', 'bn', 'cbn', 'gn', 'ln', 'brn', 'noisy_bn', 'lp', 'frozen',
-         'ghost')
+from bn_jax.core import validation
 
 # Normalization batch size of 'ghost' when norm_kwargs does not set one.
 DEFAULT_GHOST_BATCH_SIZE = 32
@@ -66,19 +66,31 @@ DEFAULT_GHOST_BATCH_SIZE = 32
 # channel count it does not divide) use the largest divisor below it.
 DEFAULT_MAX_GROUPS = 32
 
-# Norms whose output depends on the other samples of the batch in training.
-BATCH_STATISTICS_NORMS = ('bn', 'cbn', 'brn', 'noisy_bn', 'lp', 'ghost')
-
-_MODULE_NAMES = {
-    'bn': 'BatchNorm',
-    'ghost': 'BatchNorm',
-    'gn': 'GroupNorm',
-    'ln': 'LayerNorm',
-    'brn': 'BatchRenorm',
-    'noisy_bn': 'NoisyBatchNorm',
-    'lp': 'LpNorm',
-    'frozen': 'FrozenBatchNorm',
+# The norms: name -> the bn_jax.nn class(es) implementing it. The one list of
+# norm names (NORMS and everything else derive from it).
+_NORM_MODULES = {
+    'none': (),
+    'bn': ('BatchNorm',),
+    'cbn': ('ConvCBN', 'DenseCBN'),
+    'naive_cbn': ('ConvCBN', 'DenseCBN'),
+    'gn': ('GroupNorm',),
+    'ln': ('LayerNorm',),
+    'brn': ('BatchRenorm',),
+    'noisy_bn': ('NoisyBatchNorm',),
+    'lp': ('LpNorm',),
+    'frozen': ('FrozenBatchNorm',),
+    'ghost': ('BatchNorm',),
 }
+NORMS = tuple(_NORM_MODULES)
+
+# Defaults the blocks choose themselves (not the module's): None = per layer.
+_BLOCK_DEFAULTS = {
+    'gn': {'num_groups': None},  # default_num_groups(channels)
+    'ghost': {'ghost_batch_size': DEFAULT_GHOST_BATCH_SIZE},
+    'naive_cbn': {'rho': 0.0},
+}
+# The norms built by ConvCBN/DenseCBN (they own the kernel).
+_CBN_NORMS = frozenset({'cbn', 'naive_cbn'})
 
 # Constructor arguments the blocks set themselves.
 _SET_BY_BLOCK = frozenset({
@@ -103,11 +115,7 @@ def _nn_class(class_name: str) -> type:
 def norm_module_classes(norm: str) -> tuple[type, ...]:
   """The Flax module class(es) that implement ``norm`` ('none' -> ())."""
   check_norm_name(norm)
-  if norm == 'none':
-    return ()
-  if norm == 'cbn':
-    return (_nn_class('ConvCBN'), _nn_class('DenseCBN'))
-  return (_nn_class(_MODULE_NAMES[norm]),)
+  return tuple(_nn_class(name) for name in _NORM_MODULES[norm])
 
 
 def _fields(cls: type) -> set[str]:
@@ -144,7 +152,7 @@ def check_norm(norm: str, norm_kwargs: Optional[Mapping[str, Any]]) -> dict:
         f"norm='none' takes no norm_kwargs, got keys {sorted(kwargs)}.")
   classes = norm_module_classes(norm)
   accepted = set.intersection(*(_fields(c) for c in classes))
-  reserved = _SET_BY_CBN_BLOCK if norm == 'cbn' else _SET_BY_BLOCK
+  reserved = _SET_BY_CBN_BLOCK if norm in _CBN_NORMS else _SET_BY_BLOCK
   valid = sorted(accepted - reserved)
   for key in kwargs:
     if not isinstance(key, str):
@@ -152,7 +160,8 @@ def check_norm(norm: str, norm_kwargs: Optional[Mapping[str, Any]]) -> dict:
     if key in reserved and key in accepted:
       raise ValueError(
           f'norm_kwargs[{key!r}] is set by the model (axis, dtype, axis_name, '
-          f'use_running_average{", conv geometry" if norm == "cbn" else ""} '
+          f'use_running_average'
+          f'{", conv geometry" if norm in _CBN_NORMS else ""} '
           f'come from create_model/the layer); valid keys for norm={norm!r} '
           f'are {valid}.')
     if key not in accepted:
@@ -161,6 +170,47 @@ def check_norm(norm: str, norm_kwargs: Optional[Mapping[str, Any]]) -> dict:
           f'({", ".join(c.__name__ for c in classes)}); valid keys are '
           f'{valid}.')
   return kwargs
+
+
+# Default types a config can hold and the command line can override.
+_CONFIGURABLE_TYPES = (bool, int, float, str, tuple)
+
+
+def configurable_norm_kwargs(norm: str) -> dict[str, tuple[type, Any]]:
+  """The keyword arguments of ``norm`` a config may set, with their defaults:
+  ``{name: (type, default)}``.
+
+  Read from the norm module's constructor (dataclass fields), so they follow
+  the modules; the arguments the blocks set themselves and those without a
+  plain-value default (initializers) are left out. Where the blocks choose a
+  default per layer (GroupNorm's ``num_groups``: :func:`default_num_groups`)
+  the default is None. ``type`` is the value's type: ``float`` for a float
+  (or ``Any``) argument with an int default (``p=2`` of LpNorm: ``p=inf``
+  must parse), ``int``/``float`` for an
+  Optional one whose default is None, so that a command-line override parses.
+  """
+  classes = norm_module_classes(norm)
+  reserved = _SET_BY_CBN_BLOCK if norm in _CBN_NORMS else _SET_BY_BLOCK
+  out = {}
+  for cls in classes[:1]:  # CBN: ConvCBN's and DenseCBN's agree (a base)
+    for field in dataclasses.fields(cls):
+      if not field.init or field.name in reserved:
+        continue
+      default = _BLOCK_DEFAULTS.get(norm, {}).get(field.name, field.default)
+      annotation = str(field.type)
+      if default is None:
+        kind = next((t for t in (int, float) if t.__name__ in annotation),
+                    None)
+        if kind is None:
+          continue
+      elif isinstance(default, _CONFIGURABLE_TYPES):
+        kind = type(default)
+        if kind is int and ('float' in annotation or annotation == 'Any'):
+          kind, default = float, float(default)
+      else:
+        continue
+      out[field.name] = (kind, default)
+  return out
 
 
 def default_num_groups(channels: int,
@@ -182,16 +232,21 @@ def _norm_layer(norm: str, kwargs: dict, *, features: int, train: bool,
     kwargs['num_groups'] = 1
   (cls,) = norm_module_classes(norm)
   fields = _fields(cls)
-  if norm == 'ghost':
-    kwargs.setdefault('ghost_batch_size', DEFAULT_GHOST_BATCH_SIZE)
-  if norm == 'gn' and 'num_groups' not in kwargs and 'group_size' not in kwargs:
+  # A default the block chooses (see configurable_norm_kwargs): unset or None.
+  if norm == 'ghost' and kwargs.get('ghost_batch_size') is None:
+    kwargs['ghost_batch_size'] = DEFAULT_GHOST_BATCH_SIZE
+  if (norm == 'gn' and kwargs.get('num_groups') is None
+      and kwargs.get('group_size') is None):
     kwargs['num_groups'] = default_num_groups(features)
   if norm == 'gn' and kwargs.get('group_size') is not None:
     # GroupNorm's num_groups has a default of 32; group_size alone decides.
     kwargs.setdefault('num_groups', None)
   if 'use_running_average' in fields:
     kwargs['use_running_average'] = not train
-  if 'axis_name' in fields:
+  # GroupNorm/LayerNorm have flax's axis_name too, for features sharded
+  # across devices; their per-sample statistics must not be psum-ed over a
+  # data-parallel batch axis.
+  if 'axis_name' in fields and norm not in ('gn', 'ln'):
     kwargs['axis_name'] = axis_name
   if 'dtype' in fields:
     kwargs['dtype'] = dtype
@@ -240,8 +295,10 @@ class _Block(NormSettings):
     geometry = conv_geometry or {}
     linear_args = dict(dtype=self.dtype, param_dtype=jnp.float32,
                        kernel_init=self.kernel_init, **geometry)
-    if self.norm == 'cbn':
-      conv_cls, dense_cls = norm_module_classes('cbn')
+    if self.norm in _CBN_NORMS:
+      for name, default in _BLOCK_DEFAULTS.get(self.norm, {}).items():
+        kwargs.setdefault(name, default)  # naive CBN: rho=0
+      conv_cls, dense_cls = norm_module_classes(self.norm)
       y = (conv_cls if conv else dense_cls)(
           features=self.features, use_running_average=not train,
           axis_name=self.axis_name, name='cbn', **linear_args, **kwargs)(x)
@@ -338,26 +395,22 @@ def check_model_args(model: nn.Module) -> None:
                     f'str) or None, got {model.axis_name!r}.')
 
 
-def _is_positive_int(value) -> bool:
-  return not isinstance(value, bool) and isinstance(value, int) and value >= 1
-
-
 def check_positive_int_attr(model: nn.Module, name: str) -> None:
-  """ValueError unless the attribute ``name`` of ``model`` is an int >= 1."""
-  value = getattr(model, name)
-  if not _is_positive_int(value):
-    raise ValueError(f'{name} must be an int >= 1, got {value!r}.')
+  """The attribute ``name`` of ``model`` is an int >= 1 (TypeError /
+  ValueError naming it, from the one checker in ``bn_jax.core.validation``)."""
+  validation.check_positive_int(getattr(model, name), name)
 
 
 def check_positive_ints_attr(model: nn.Module, name: str, *,
                              non_empty: bool = False) -> None:
-  """ValueError unless the attribute ``name`` of ``model`` is a sequence of
-  ints >= 1 (a non-empty one with ``non_empty``)."""
+  """The attribute ``name`` of ``model`` is a sequence of ints >= 1 (a
+  non-empty one with ``non_empty``)."""
   values = getattr(model, name)
-  if (non_empty and not values) or not all(
-      _is_positive_int(v) for v in values):
-    raise ValueError(f'{name} must be a {"non-empty " if non_empty else ""}'
-                     f'sequence of positive ints, got {values!r}.')
+  if non_empty and not values:
+    raise ValueError(f'{name} must be a non-empty sequence of positive ints, '
+                     f'got {values!r}.')
+  for i, value in enumerate(values):
+    validation.check_positive_int(value, f'{name}[{i}]')
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {

@@ -28,12 +28,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import dtypes as flax_dtypes
 
-from bn_jax.core.cross_iteration_batch_norm import (CBNState, cbn_forward,
-                                                    cbn_state)
+from bn_jax.core.cross_iteration_batch_norm import (
+    DEFAULT_MOMENTUM, CBNState, cbn_state,
+    cross_iteration_batch_norm_with_moments)
+from bn_jax.nn.precise_bn import BATCH_MOMENTS
 
 Initializer = Callable[..., jax.Array]
 Dtype = Any
-BATCH_MOMENTS = "batch_moments"
 DEFAULT_WINDOW = 4  # the released COCO config (buffer_num = 3); ImageNet: 8
 
 
@@ -67,13 +68,17 @@ def _cbn_call(module: nn.Module, x, use_running_average, *, layer,
   # during init (init often sees one dummy sample, outside shard_map).
   if initializing:
     train = False
-  y, new_state, batch = cbn_forward(
+  y, new_state, batch = cross_iteration_batch_norm_with_moments(
       layer_fn, kernel, x, CBNState(*(v.value for v in state_vars)), scale,
-      bias, train=train, window=module.window, burn_in=module.burn_in,
+      bias, train=train, burn_in=module.burn_in,
       rho=module.rho, momentum=module.momentum, epsilon=module.epsilon,
       aggregation=module.aggregation,
       compensated_running_stats=module.compensated_running_stats,
       unbiased_running_var=module.unbiased_running_var,
+      compensation_grad=module.compensation_grad,
+      epsilon_on_std=module.epsilon_on_std,
+      unbiased_burn_in_var=module.unbiased_burn_in_var,
+      window_schedule=module.window_schedule,
       axis_name=module.axis_name, axis_index_groups=module.axis_index_groups)
   if train:
     for var, value in zip(state_vars, new_state):
@@ -98,11 +103,15 @@ class _CrossIterationNorm(nn.Module, kw_only=True):
   window: int = DEFAULT_WINDOW
   burn_in: int = 0
   rho: float = 1.0
-  momentum: float = 0.99
+  momentum: float = DEFAULT_MOMENTUM
   epsilon: float = 1e-5
   aggregation: str = "max"
   compensated_running_stats: bool = False
   unbiased_running_var: bool = False
+  compensation_grad: bool = True
+  epsilon_on_std: bool = False
+  unbiased_burn_in_var: bool = False
+  window_schedule: str = "prefill"
   use_bias: bool = True
   use_scale: bool = True
   bias_init: Initializer = nn.initializers.zeros
@@ -127,12 +136,26 @@ class ConvCBN(_CrossIterationNorm):
       (``k = 1`` is BatchNorm).
     burn_in: plain BN for this many training steps first.
     rho: weight of the first-order compensation (0: naive CBN).
-    momentum: weight of the OLD running value (flax convention).
-    epsilon: inside the square root.
+    momentum: weight of the OLD running value (flax convention). Default
+      0.9, the official code's (PyTorch 0.1), not flax's 0.99: with the
+      official gradient CBN reaches the weights only through the current
+      batch's statistics (weight 1/k), so the per-channel push that BN's
+      backward cancels is cancelled only to 1/k and the raw
+      pre-normalization means drift several times faster than under BN; a
+      0.99 EMA (~100-step memory) cannot follow them (see the core module's
+      docstring).
+    epsilon: inside the square root (or added to the std, below).
     aggregation: ``'max'`` (paper) or ``'count'`` (official code).
     compensated_running_stats: running statistics from the window's
       compensated statistics instead of the current batch's.
     unbiased_running_var: Bessel-corrected running variance (PyTorch).
+    compensation_grad: gradient through the compensated past statistics
+      (default; new; False: the official code's gradient, current batch
+      only; see :func:`bn_jax.core.cross_iteration_batch_norm`).
+    epsilon_on_std, unbiased_burn_in_var, window_schedule: the official
+      code's semantics (``sqrt(var) + eps``; unbiased variance while the
+      window is inactive; ``'empty'``/``'linear'`` window after burn-in);
+      the table in the core module's docstring compares them.
     use_bias, use_scale, bias_init, scale_init: the norm's beta/gamma.
     dtype: computation/output dtype (statistics stay float32).
     param_dtype: dtype of kernel, scale and bias.

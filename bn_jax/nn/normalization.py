@@ -18,14 +18,21 @@ Conventions shared by the batch-statistics modules (as ``flax.linen.BatchNorm``)
 * PreciseBN hook: in training mode, when the ``batch_moments`` collection is
   mutable, the module stores the current batch's per-feature ``mean``, biased
   ``var`` and sample ``count`` there (read by
-  :func:`bn_jax.core.precise_batch_stats`). Nothing is computed otherwise.
+  :func:`bn_jax.nn.precise_batch_stats`). Nothing is computed otherwise.
   BatchNorm, BatchRenorm and NoisyBatchNorm have it; LpNorm does not (its
   running ``norm`` is not a variance), FrozenBatchNorm computes no batch
   statistics. Other modules (e.g. CBN) can call :func:`store_batch_moments`.
+* Train-mode statistics of one value per feature raise a ValueError (as in
+  PyTorch; flax returns zeros), except during ``init``.
+
+The module-level functions below (``call_core``, ``batch_moments_record``,
+the ``*_options`` readers) hold what does not depend on Linen; the NNX
+modules of :mod:`bn_jax.nnx` call the same ones, so both front-ends compute
+bit for bit the same thing.
 
 Modules: ``BatchNorm`` (drop-in for ``flax.linen.BatchNorm``), ``BatchRenorm``,
-``NoisyBatchNorm``, ``LpNorm``, ``FrozenBatchNorm``, ``GroupNorm``,
-``LayerNorm``.
+``NoisyBatchNorm``, ``LpNorm``, ``FrozenBatchNorm``, ``GroupNorm`` and
+``LayerNorm`` (drop-ins for flax's, every constructor argument included).
 """
 from __future__ import annotations
 
@@ -36,78 +43,64 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import dtypes as flax_dtypes
 
-from bn_jax.core.batch_norm import (BatchNormState, batch_norm,
-                                    batch_norm_state, batch_statistics,
-                                    feature_layout)
-from bn_jax.core.batch_renorm import batch_renorm, batch_renorm_state
+from bn_jax.core.batch_norm import (BatchNormState, batch_norm_state,
+                                    batch_norm_with_moments, batch_statistics)
+from bn_jax.core.batch_renorm import (batch_renorm_state,
+                                      batch_renorm_with_moments)
+from bn_jax.core.common import feature_layout
 from bn_jax.core.frozen_batch_norm import frozen_batch_norm
 from bn_jax.core.group_norm import group_norm, group_norm_state
 from bn_jax.core.layer_norm import layer_norm, layer_norm_state
 from bn_jax.core.lp_norm import lp_norm, lp_norm_state
 from bn_jax.core.moments import Moments
-from bn_jax.core.noisy_batch_norm import noisy_batch_norm
+from bn_jax.core.noisy_batch_norm import noisy_batch_norm_with_moments
 from bn_jax.core.precise_batch_norm import pool_moments
+from bn_jax.nn.precise_bn import BATCH_MOMENTS, BATCH_STATS
 
 Initializer = Callable[..., jax.Array]
 Dtype = Any
 
-BATCH_MOMENTS = "batch_moments"
+
+# --- What the Linen and NNX front-ends share (no Linen in here). ---
 
 
-def _feature_shape(x, axis):
-  return feature_layout(x, axis)[2]
-
-
-def _output_dtype(x, scale, bias, dtype):
+def output_dtype(x, scale, bias, dtype):
   """flax's rule: ``dtype`` if given, else the result type of x and params."""
   return flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=dtype)
 
 
-def _compute_input(x, out_dtype):
-  """The input the core function sees.
+def call_core(core_fn, x, state, scale, bias, dtype, **kwargs):
+  """Calls ``core_fn(x, state, scale, bias, **kwargs)`` as flax computes.
 
   The core returns ``y`` in its input's dtype and computes statistics in at
   least float32 either way, so upcasting ``x`` to the wider of its own dtype
-  and the output dtype reproduces flax's arithmetic (float32 at least, then one
-  cast to the output dtype) without touching the math.
+  and the output dtype (``output_dtype``) reproduces flax's arithmetic
+  (float32 at least, then one cast to the output dtype) without touching the
+  math. Returns the core's outputs with ``y`` cast to the output dtype.
   """
+  out_dtype = output_dtype(x, scale, bias, dtype)
   x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, out_dtype))
-
-
-def _call_core(module: nn.Module, x, core_fn, param_shape, state, **kwargs):
-  """What every module shares: its parameters and the call of its core.
-
-  Creates ``params/scale`` and ``params/bias`` of ``param_shape`` (as the
-  module's ``use_scale``/``use_bias``/``*_init``/``param_dtype`` say), calls
-  ``core_fn(x, state, scale, bias, **kwargs)`` on the input in the compute
-  dtype and returns the core's outputs with ``y`` cast to the output dtype.
-  """
-  scale = module.param("scale", module.scale_init, param_shape,
-                       module.param_dtype) if module.use_scale else None
-  bias = module.param("bias", module.bias_init, param_shape,
-                      module.param_dtype) if module.use_bias else None
-  out_dtype = _output_dtype(x, scale, bias, module.dtype)
-  y, *rest = core_fn(_compute_input(x, out_dtype), state, scale, bias,
-                     **kwargs)
+  y, *rest = core_fn(x.astype(jnp.promote_types(x.dtype, out_dtype)), state,
+                     scale, bias, **kwargs)
   return (y.astype(out_dtype), *rest)
 
 
-def _state_variables(module: nn.Module, init_state) -> list:
-  """``batch_stats/<field>`` for every field of ``init_state`` (its values)."""
-  return [module.variable("batch_stats", name, lambda v=value: v)
-          for name, value in zip(init_state._fields, init_state)]
+def lp_norm_with_moments(*args, **kwargs):
+  """:func:`bn_jax.core.lp_norm` in the ``*_with_moments`` shape (no moments:
+  its running ``norm`` is not a variance, so it has no PreciseBN hook)."""
+  y, new_state = lp_norm(*args, **kwargs)
+  return y, new_state, None
 
 
-def _train_batch_usable(x, axis, ghost_batch_size) -> bool:
+def train_batch_usable(x, axis, ghost_batch_size) -> bool:
   """Whether ``x`` has enough samples for train-mode statistics.
 
-  Only consulted during ``init``: flax initializes with whatever dummy batch
-  the user has at hand (often a single sample), where train-mode statistics
-  are undefined. The init output then uses the initial running statistics;
-  the variables are the same either way.
+  Only consulted during Linen's ``init``: flax initializes with whatever
+  dummy batch the user has at hand (often a single sample), where train-mode
+  statistics are undefined. The init output then uses the initial running
+  statistics; the variables are the same either way.
   """
-  _, reduction_axes, _, _ = feature_layout(x, axis)
+  reduction_axes = feature_layout(x, axis).reduction_axes
   count = 1
   for a in reduction_axes:
     count *= x.shape[a]
@@ -116,6 +109,76 @@ def _train_batch_usable(x, axis, ghost_batch_size) -> bool:
       return False
     count = count // x.shape[0] * ghost_batch_size
   return count >= 2
+
+
+def batch_moments_record(moments: Moments, feature_shape, *,
+                         masked: bool = False,
+                         ghost_batch_size=None) -> dict:
+  """The PreciseBN record of one batch: ``{'mean', 'var', 'count'}``.
+
+  ``mean`` and biased ``var`` are feature-shaped, ``count`` (the samples
+  behind them) a scalar, or feature-shaped when ``masked`` (a mask can leave
+  features with different counts). ``moments`` are the batch statistics as
+  :func:`bn_jax.core.batch_statistics` returns them; with ghost batches the
+  groups' moments are pooled into those of the whole batch (law of total
+  variance), so the population statistics do not depend on how the batch was
+  split for normalization. Gradients are stopped.
+  """
+  mean, var = moments.mean, moments.var
+  count = jnp.broadcast_to(moments.count, mean.shape)
+  if ghost_batch_size is not None:  # leading group axis: pool the groups
+    mean, var, count = pool_moments(mean, var, count, axis=0)
+  count = count.reshape(feature_shape) if masked else count.reshape(-1)[0]
+  return jax.lax.stop_gradient({"mean": mean.reshape(feature_shape),
+                                "var": var.reshape(feature_shape),
+                                "count": count})
+
+
+def batch_norm_options(module) -> dict:
+  """Core keyword arguments of BatchNorm beyond flax's (attribute readers
+  shared by the Linen and NNX modules, which have the same attributes)."""
+  return dict(unbiased_running_var=module.unbiased_running_var,
+              ghost_batch_size=module.ghost_batch_size)
+
+
+def batch_renorm_options(module) -> dict:
+  """Core keyword arguments of BatchRenorm beyond flax's BatchNorm's."""
+  return dict(r_max=module.r_max, d_max=module.d_max,
+              warmup_steps=module.warmup_steps,
+              r_max_final=module.r_max_final, r_max_steps=module.r_max_steps,
+              d_max_final=module.d_max_final, d_max_steps=module.d_max_steps,
+              unbiased_running_var=module.unbiased_running_var)
+
+
+def noisy_batch_norm_options(module) -> dict:
+  """Core keyword arguments of NoisyBatchNorm (the key excepted)."""
+  return dict(noise_mean_range=tuple(module.noise_mean_range),
+              noise_std_range=tuple(module.noise_std_range),
+              unbiased_running_var=module.unbiased_running_var,
+              ghost_batch_size=module.ghost_batch_size)
+
+
+def lp_norm_options(module) -> dict:
+  """Core keyword arguments of LpNorm beyond flax's BatchNorm's."""
+  return dict(p=module.p)
+
+
+# --- Linen plumbing. ---
+
+
+def _affine_params(module: nn.Module, shape):
+  """``params/scale`` and ``params/bias`` (or None) as the module says."""
+  scale = module.param("scale", module.scale_init, shape,
+                       module.param_dtype) if module.use_scale else None
+  bias = module.param("bias", module.bias_init, shape,
+                      module.param_dtype) if module.use_bias else None
+  return scale, bias
+
+
+def _state_variables(module: nn.Module, init_state) -> list:
+  """``batch_stats/<field>`` for every field of ``init_state`` (its values)."""
+  return [module.variable(BATCH_STATS, name, lambda v=value: v)
+          for name, value in zip(init_state._fields, init_state)]
 
 
 def _wants_batch_moments(module: nn.Module) -> bool:
@@ -132,49 +195,52 @@ def store_batch_moments(module: nn.Module, x, *, axis, mask=None,
 
   Call it from a batch-statistics module in training mode. When the
   ``batch_moments`` collection is mutable (and the module is not being
-  initialized), it stores ``mean`` and biased ``var`` (feature-shaped) and the
-  sample ``count`` behind them (a scalar; feature-shaped when a ``mask`` is
-  given, since a mask can leave different features with different counts).
-  With ghost batches the groups' moments are pooled into the moments of the
-  whole batch (law of total variance), so that the population statistics do
-  not depend on how the batch was split for normalization.
+  initialized), it stores :func:`batch_moments_record` there as
+  ``batch_moments/{mean,var,count}``.
 
   ``moments``: the batch statistics of ``x`` if the caller has them already
-  (the ``return_moments=True`` output of the core functions, shaped as
+  (the third output of the core's ``*_with_moments`` functions, shaped as
   :func:`bn_jax.core.batch_statistics` returns them); otherwise they are
   computed here with ``batch_statistics`` and the other arguments.
   """
   if not _wants_batch_moments(module):
     return
-  feature_shape = _feature_shape(x, axis)
-  m = moments if moments is not None else batch_statistics(
-      x, axis=axis, mask=mask, axis_name=axis_name,
-      axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size)
-  mean, var, count = m.mean, m.var, jnp.broadcast_to(m.count, m.mean.shape)
-  if ghost_batch_size is not None:  # leading group axis: pool the groups
-    mean, var, count = pool_moments(mean, var, count, axis=0)
-  count = count.reshape(feature_shape) if mask is not None else (
-      count.reshape(-1)[0])
-  module.put_variable(BATCH_MOMENTS, "mean",
-                      jax.lax.stop_gradient(mean.reshape(feature_shape)))
-  module.put_variable(BATCH_MOMENTS, "var",
-                      jax.lax.stop_gradient(var.reshape(feature_shape)))
-  module.put_variable(BATCH_MOMENTS, "count", jax.lax.stop_gradient(count))
+  if moments is None:
+    moments = batch_statistics(
+        x, axis=axis, mask=mask, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        ghost_batch_size=ghost_batch_size)
+  record = batch_moments_record(
+      moments, feature_layout(x, axis).feature_shape,
+      masked=mask is not None, ghost_batch_size=ghost_batch_size)
+  for name, value in record.items():
+    module.put_variable(BATCH_MOMENTS, name, value)
+
+
+def _noise_key(module: nn.Module):
+  """NoisyBatchNorm's key of this step, from the ``'noise'`` rng stream."""
+  if not module.has_rng("noise"):
+    raise ValueError(
+        f"NoisyBatchNorm ({'/'.join(module.scope.path) or 'top level'}) "
+        "needs the 'noise' rng stream in training: pass rngs={'noise': "
+        "key} to apply (a new key every step), or use_running_average=True.")
+  return module.make_rng("noise")
 
 
 class _BatchStatsNorm(nn.Module):
   """Attributes and ``__call__`` shared by the batch-statistics modules.
 
   The attributes are those of ``flax.linen.BatchNorm``. A subclass adds its
-  own attributes and sets (as class attributes, wrapped in ``staticmethod``)
-  ``_core_fn``, its :mod:`bn_jax.core` function, and ``_state_init``, the
-  constructor of that function's state, called with the feature shape and
-  float32; every field of the state becomes ``batch_stats/<field>``.
-  ``_core_kwargs(train)`` gives the further keyword arguments of ``_core_fn``
-  (with a ``ghost_batch_size`` attribute, pass it there too: ``init`` and the
-  PreciseBN hook read it). ``_stores_batch_moments = False`` turns the hook
-  off (state that is not a mean/variance pair); otherwise ``_core_fn`` must
-  accept ``return_moments``.
+  own attributes and sets (as class attributes, wrapped in ``staticmethod``
+  so that Linen neither wraps them as module methods nor shows them in
+  ``nn.tabulate``) ``_core_fn``, its :mod:`bn_jax.core` ``*_with_moments``
+  function, ``_state_init``, the constructor of that function's state
+  (called with the feature shape and float32; every field becomes
+  ``batch_stats/<field>``) and ``_options(module)``, the further keyword
+  arguments of ``_core_fn``. ``_stores_batch_moments = False`` turns the
+  PreciseBN hook off (state that is not a mean/variance pair);
+  ``_needs_noise_key`` passes ``key=`` from the ``'noise'`` rng stream in
+  training.
   """
   use_running_average: Optional[bool] = None
   axis: Any = -1
@@ -190,11 +256,8 @@ class _BatchStatsNorm(nn.Module):
   axis_index_groups: Any = None
 
   _stores_batch_moments = True
-
-  def _core_kwargs(self, train: bool) -> dict:
-    """Keyword arguments of ``_core_fn`` beyond the shared ones."""
-    del train
-    return {}
+  _needs_noise_key = False
+  _options = staticmethod(lambda module: {})
 
   @nn.compact
   def __call__(self, x, use_running_average: Optional[bool] = None, *,
@@ -214,7 +277,7 @@ class _BatchStatsNorm(nn.Module):
     """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
-    feature_shape = _feature_shape(x, self.axis)
+    feature_shape = feature_layout(x, self.axis).feature_shape
     init_state = self._state_init(feature_shape, jnp.float32)
     state_vars = _state_variables(self, init_state)
     initializing = self.is_initializing()
@@ -222,17 +285,14 @@ class _BatchStatsNorm(nn.Module):
     # Only BatchNorm and NoisyBatchNorm have ghost batches.
     ghost_batch_size = getattr(self, "ghost_batch_size", None)
     if initializing and train:
-      train = _train_batch_usable(x, self.axis, ghost_batch_size)
-    kwargs = self._core_kwargs(train)
-    # The core returns the batch moments it normalized with, so the hook
-    # does not compute them a second time.
-    store_moments = (train and self._stores_batch_moments and
-                     _wants_batch_moments(self))
-    if store_moments:
-      kwargs["return_moments"] = True
+      train = train_batch_usable(x, self.axis, ghost_batch_size)
+    kwargs = self._options(self)
+    if train and self._needs_noise_key:
+      kwargs["key"] = _noise_key(self)
+    scale, bias = _affine_params(self, feature_shape)
     state = type(init_state)(*(v.value for v in state_vars))
-    y, new_state, *batch = _call_core(
-        self, x, self._core_fn, feature_shape, state, train=train,
+    y, new_state, batch = call_core(
+        self._core_fn, x, state, scale, bias, self.dtype, train=train,
         axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
         # As flax: no cross-device reduction during init (the axis need not
         # exist).
@@ -241,10 +301,11 @@ class _BatchStatsNorm(nn.Module):
     if train and not initializing:
       for var, value in zip(state_vars, new_state):
         var.value = value
-    if store_moments:
+    # The core returned the moments it normalized with: the hook does not
+    # compute them a second time.
+    if train and self._stores_batch_moments:
       store_batch_moments(self, x, axis=self.axis, mask=mask,
-                          ghost_batch_size=ghost_batch_size,
-                          moments=batch[0])
+                          ghost_batch_size=ghost_batch_size, moments=batch)
     return y
 
 
@@ -255,7 +316,8 @@ class BatchNorm(_BatchStatsNorm):
   ``batch_stats/mean``, ``batch_stats/var``), shapes and call signature as
   flax, computed by :func:`bn_jax.core.batch_norm` (accurate shifted one-pass
   statistics, so ``use_fast_variance`` is accepted for compatibility and has
-  no effect). Additionally:
+  no effect). One difference on purpose: train-mode statistics of one value
+  per feature raise a ValueError (flax normalizes them to 0). Additionally:
 
   Attributes:
     unbiased_running_var: feed Bessel-corrected batch variances to the running
@@ -272,13 +334,9 @@ class BatchNorm(_BatchStatsNorm):
   unbiased_running_var: bool = False
   ghost_batch_size: Optional[int] = None
 
-  _core_fn = staticmethod(batch_norm)
+  _core_fn = staticmethod(batch_norm_with_moments)
   _state_init = staticmethod(batch_norm_state)
-
-  def _core_kwargs(self, train: bool) -> dict:
-    del train
-    return dict(unbiased_running_var=self.unbiased_running_var,
-                ghost_batch_size=self.ghost_batch_size)
+  _options = staticmethod(batch_norm_options)
 
 
 class BatchRenorm(_BatchStatsNorm):
@@ -303,16 +361,9 @@ class BatchRenorm(_BatchStatsNorm):
   d_max_steps: int = 25000
   unbiased_running_var: bool = False
 
-  _core_fn = staticmethod(batch_renorm)
+  _core_fn = staticmethod(batch_renorm_with_moments)
   _state_init = staticmethod(batch_renorm_state)
-
-  def _core_kwargs(self, train: bool) -> dict:
-    del train
-    return dict(r_max=self.r_max, d_max=self.d_max,
-                warmup_steps=self.warmup_steps, r_max_final=self.r_max_final,
-                r_max_steps=self.r_max_steps, d_max_final=self.d_max_final,
-                d_max_steps=self.d_max_steps,
-                unbiased_running_var=self.unbiased_running_var)
+  _options = staticmethod(batch_renorm_options)
 
 
 class NoisyBatchNorm(_BatchStatsNorm):
@@ -331,23 +382,10 @@ class NoisyBatchNorm(_BatchStatsNorm):
   unbiased_running_var: bool = False
   ghost_batch_size: Optional[int] = None
 
-  _core_fn = staticmethod(noisy_batch_norm)
+  _core_fn = staticmethod(noisy_batch_norm_with_moments)
   _state_init = staticmethod(batch_norm_state)
-
-  def _core_kwargs(self, train: bool) -> dict:
-    kwargs = dict(noise_mean_range=tuple(self.noise_mean_range),
-                  noise_std_range=tuple(self.noise_std_range),
-                  unbiased_running_var=self.unbiased_running_var,
-                  ghost_batch_size=self.ghost_batch_size)
-    if train:
-      if not self.has_rng("noise"):
-        raise ValueError(
-            f"NoisyBatchNorm ({'/'.join(self.scope.path) or 'top level'}) "
-            "needs the 'noise' rng stream in training: pass rngs={'noise': "
-            "key} to apply (a new key every step), or "
-            "use_running_average=True.")
-      kwargs["key"] = self.make_rng("noise")
-    return kwargs
+  _options = staticmethod(noisy_batch_norm_options)
+  _needs_noise_key = True
 
 
 class LpNorm(_BatchStatsNorm):
@@ -359,19 +397,16 @@ class LpNorm(_BatchStatsNorm):
   ``batch_stats/mean`` and ``batch_stats/norm`` (an EMA of the batch's
   average l_p norm, not a variance). Because of that, LpNorm has no PreciseBN
   hook: the population-moment formula of
-  :func:`bn_jax.core.precise_batch_stats` yields a variance, which is not
+  :func:`bn_jax.nn.precise_batch_stats` yields a variance, which is not
   what ``norm`` holds (an average of per-batch l_p norms), so LpNorm layers
   keep their EMA statistics under ``precise_batch_stats``.
   """
   p: Any = 2
 
-  _core_fn = staticmethod(lp_norm)
+  _core_fn = staticmethod(lp_norm_with_moments)
   _state_init = staticmethod(lp_norm_state)
+  _options = staticmethod(lp_norm_options)
   _stores_batch_moments = False
-
-  def _core_kwargs(self, train: bool) -> dict:
-    del train
-    return dict(p=self.p)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -400,22 +435,23 @@ class FrozenBatchNorm(nn.Module):
   def __call__(self, x, use_running_average: Optional[bool] = None):
     """Normalizes ``x`` with the stored statistics (both modes)."""
     del use_running_average  # same computation in both modes
-    feature_shape = _feature_shape(x, self.axis)
+    feature_shape = feature_layout(x, self.axis).feature_shape
     state_vars = _state_variables(
         self, batch_norm_state(feature_shape, jnp.float32))
-    y, _ = _call_core(self, x, frozen_batch_norm, feature_shape,
-                      BatchNormState(*(v.value for v in state_vars)),
-                      axis=self.axis, epsilon=self.epsilon)
+    scale, bias = _affine_params(self, feature_shape)
+    y, _ = call_core(frozen_batch_norm, x,
+                     BatchNormState(*(v.value for v in state_vars)), scale,
+                     bias, self.dtype, axis=self.axis, epsilon=self.epsilon)
     return y
 
 
 class GroupNorm(nn.Module):
   """Group Normalization (Wu & He, 2018) over :func:`bn_jax.core.group_norm`.
 
-  Per-sample statistics over groups of channels; same parameters
-  (``params/scale``, ``params/bias`` of shape ``(C,)``) and results as
-  ``flax.linen.GroupNorm`` with its default (last-axis) channel layout. No
-  ``batch_stats``.
+  A drop-in for ``flax.linen.GroupNorm``: the same attributes (in the same
+  order, with the same defaults), parameters (``params/scale``,
+  ``params/bias`` of shape ``(C,)``), ``mask`` argument and results. Per-sample
+  statistics over groups of channels; no ``batch_stats``.
 
   Attributes:
     num_groups: number of channel groups (32 by default; ``None`` when
@@ -425,7 +461,15 @@ class GroupNorm(nn.Module):
     dtype: output dtype (default: result type of input and params, as flax).
     param_dtype: dtype of scale and bias.
     use_bias, use_scale, bias_init, scale_init: the affine parameters.
-    axis: the channel axis (axis 0 is the batch axis).
+    reduction_axes: the axes of the statistics; they must include the channel
+      axis (default: every axis but the leading batch axis).
+    axis_name, axis_index_groups: statistics also over a mapped axis (for
+      features sharded across devices, as in flax; not for data parallelism).
+    use_fast_variance: accepted for flax compatibility; bn_jax's statistics
+      are always the accurate shifted form (see :mod:`bn_jax.core.moments`).
+    force_float32_reductions: accepted for flax compatibility; bn_jax's
+      statistics are always at least float32.
+    axis: bn_jax's own: the channel axis (flax's is always the last).
   """
   num_groups: Optional[int] = 32
   group_size: Optional[int] = None
@@ -436,25 +480,38 @@ class GroupNorm(nn.Module):
   use_scale: bool = True
   bias_init: Initializer = nn.initializers.zeros
   scale_init: Initializer = nn.initializers.ones
+  reduction_axes: Any = None
+  axis_name: Optional[str] = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True  # accepted for flax compatibility; unused
+  force_float32_reductions: bool = True  # always: statistics >= float32
   axis: int = -1
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *, mask: Optional[jax.Array] = None):
+    """Group-normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the
+    entries that enter the statistics."""
+    scale, bias = _affine_params(self, (jnp.shape(x)[self.axis],))
     # train is unused by the stateless norms; passed for the common signature.
-    y, _ = _call_core(self, x, group_norm, (x.shape[self.axis],),
-                      group_norm_state(), train=True,
-                      num_groups=self.num_groups, group_size=self.group_size,
-                      axis=self.axis, epsilon=self.epsilon)
+    y, _ = call_core(group_norm, x, group_norm_state(), scale, bias,
+                     self.dtype, train=True, num_groups=self.num_groups,
+                     group_size=self.group_size, axis=self.axis,
+                     reduction_axes=self.reduction_axes, epsilon=self.epsilon,
+                     mask=mask, axis_name=self.axis_name,
+                     axis_index_groups=self.axis_index_groups)
     return y
 
 
 class LayerNorm(nn.Module):
   """Layer Normalization (Ba et al., 2016) over :func:`bn_jax.core.layer_norm`.
 
-  Per-sample statistics over ``axis`` (default: the last axis);
-  ``flax.linen.LayerNorm`` with ``reduction_axes = feature_axes = axis``.
-  Parameters ``params/scale``, ``params/bias`` have the shape of the
-  normalized axes. No ``batch_stats``.
+  A drop-in for ``flax.linen.LayerNorm``: the same attributes (in the same
+  order, with the same defaults), parameters (``params/scale``,
+  ``params/bias`` of the shape of ``feature_axes``), ``mask`` argument and
+  results. Per-sample statistics over ``reduction_axes`` (default: the last
+  axis); no ``batch_stats``. ``use_fast_variance`` and
+  ``force_float32_reductions`` are accepted and have no effect: bn_jax's
+  statistics are always the accurate shifted form, in at least float32.
   """
   epsilon: float = 1e-6
   dtype: Optional[Dtype] = None
@@ -463,11 +520,22 @@ class LayerNorm(nn.Module):
   use_scale: bool = True
   bias_init: Initializer = nn.initializers.zeros
   scale_init: Initializer = nn.initializers.ones
-  axis: Any = -1
+  reduction_axes: Any = -1
+  feature_axes: Any = -1
+  axis_name: Optional[str] = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True  # accepted for flax compatibility; unused
+  force_float32_reductions: bool = True  # always: statistics >= float32
 
   @nn.compact
-  def __call__(self, x):
-    y, _ = _call_core(self, x, layer_norm, _feature_shape(x, self.axis),
-                      layer_norm_state(), train=True, axis=self.axis,
-                      epsilon=self.epsilon)
+  def __call__(self, x, *, mask: Optional[jax.Array] = None):
+    """Layer-normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the
+    entries that enter the statistics."""
+    scale, bias = _affine_params(
+        self, feature_layout(x, self.feature_axes).feature_shape)
+    y, _ = call_core(layer_norm, x, layer_norm_state(), scale, bias,
+                     self.dtype, train=True, axis=self.reduction_axes,
+                     feature_axes=self.feature_axes, epsilon=self.epsilon,
+                     mask=mask, axis_name=self.axis_name,
+                     axis_index_groups=self.axis_index_groups)
     return y

@@ -1,9 +1,20 @@
 """The training configuration: every key with its default, and its validation.
 
 Every file in ``configs/`` starts from :func:`base_config` and changes values,
-so the set of keys is defined once, here. :func:`validate_config` runs before
-any data is loaded or anything is compiled and raises ``ValueError`` (or
-``TypeError``) naming the offending key (``config.batch_size``, ...).
+so the set of keys is defined once, here, including every keyword argument of
+every norm module with its default (``norm_kwargs.<norm>.<name>``, read from
+the modules by :func:`bn_jax.models.norms.configurable_norm_kwargs`), so any
+of them can be overridden from the command line
+(``--config.norm_kwargs.cbn.momentum=0.9``).
+
+:func:`validate_config` runs before any data is loaded or anything is
+compiled and raises ``ValueError`` (or ``TypeError``) naming the offending key
+(``config.batch_size``, ...). It checks the scalar keys here, then builds each
+model abstractly (``jax.eval_shape`` of init and of a training-mode forward on
+one batch of the dataset's shape): the models and norm modules check their own
+arguments, and an error is reported under the key that causes it, found by
+elimination (the same build with that key at its default succeeds), never by
+reading the error's text.
 
 ``ml_collections`` already refuses command-line overrides of keys that do not
 exist (``--config.batchsize=8`` is an error); :func:`validate_config` also
@@ -16,17 +27,34 @@ import numbers
 
 import ml_collections
 
-# Names known to the other layers. Kept here (not imported from models/data) so
-# that validation needs no heavy imports; tests check they agree.
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100",
-            "synthetic_gaussian")
-DATA_SOURCES = ("auto", "local", "tfds")
-MODELS = ("mlp", "vgg", "resnet20", "resnet18", "deep_linear")
-NORMS = ("none", "bn", "cbn", "gn", "ln", "brn", "noisy_bn", "lp", "frozen",
-         "ghost")
+from bn_jax import data as data_lib
+from bn_jax import models
+from bn_jax.models import norms as norms_lib
+from bn_jax.training import synthetic_data
+
+# The names are defined next to what they name; imported here.
+DATASETS = tuple(data_lib.DATASETS) + (synthetic_data.NAME,)
+DATA_SOURCES = data_lib.datasets.SOURCES
+MODELS = models.MODELS
+NORMS = models.NORMS
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step", "linear")
 ANALYSES = ("ics", "landscape", "percentiles")
+
+
+def _norm_kwargs_defaults() -> ml_collections.ConfigDict:
+  """``{norm: {argument: default}}`` of every norm module; an argument whose
+  default is None is a typed placeholder (command-line overridable)."""
+  out = ml_collections.ConfigDict()
+  for norm in NORMS:
+    if norm == "none":
+      continue
+    out[norm] = ml_collections.ConfigDict({
+        name: (ml_collections.config_dict.placeholder(kind)
+               if default is None else default)
+        for name, (kind, default)
+        in norms_lib.configurable_norm_kwargs(norm).items()})
+  return out
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -46,8 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = "mlp"               # one of MODELS
   c.model_kwargs = ml_collections.ConfigDict()  # passed to create_model
   c.norms = ("bn",)             # one run per entry (a comparison when > 1)
-  # Per-norm constructor arguments, e.g. norm_kwargs.cbn = {window: 4, ...}.
-  c.norm_kwargs = ml_collections.ConfigDict()
+  # Per-norm constructor arguments with their defaults (every argument of
+  # every norm module): set e.g. norm_kwargs.cbn.window = 4.
+  c.norm_kwargs = _norm_kwargs_defaults()
 
   # Optimisation.
   c.batch_size = 128            # global (over all devices when data parallel)
@@ -78,11 +107,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 0        # steps between checkpoints; 0 = at the end
   c.keep_checkpoints = 3
   c.save_checkpoints = True
-  c.precise_bn_batches = 0      # > 0: also evaluate with PreciseBN stats (this many train batches)
+  # Also evaluate with PreciseBN population statistics (Wu & Johnson 2021:
+  # 10^3-10^4 samples suffice) of this many training samples, in batches of
+  # precise_bn_batch_size (independent of the training batch); 0 = off.
+  c.precise_bn_samples = 1024
+  c.precise_bn_batch_size = 128
   c.analysis = ()               # subset of ANALYSES
   c.analysis_every = 0          # steps between analysis calls; 0 = never
   c.progress_bar = True
   c.plots = True
+
+  # A comparison in several parts (e.g. the default run: batch 16 and batch
+  # 2): part name -> overrides of the keys above (nested like them, e.g.
+  # {'batch_size': 2, 'norm_kwargs': {'cbn': {'window': 8}}}). Each part
+  # trains its config.norms in <workdir>/<part>/<norm>; one results table
+  # and one figure. Empty: one part, the config itself (<workdir>/<norm>).
+  c.parts = ml_collections.ConfigDict()
   return c
 
 
@@ -141,56 +181,31 @@ def _lookup(config, key):
 def _check_keys(config, reference, prefix="") -> None:
   """Unknown keys (typos in a config file) fail with their full name."""
   for key in config.keys():
+    if not prefix and key == "parts":
+      continue  # each part is checked as a whole config (validate_config)
     if key not in reference:
       raise ValueError(
           f"config.{prefix}{key} is not a known config key; known keys: "
           f"{sorted(reference.keys())}.")
-    if isinstance(reference[key], ml_collections.ConfigDict) and key not in (
-        "model_kwargs", "norm_kwargs"):
+    if isinstance(reference[key], ml_collections.ConfigDict) and (
+        prefix or key != "model_kwargs"):
       if not isinstance(config[key], ml_collections.ConfigDict):
         raise TypeError(f"config.{prefix}{key} must be a ConfigDict, got "
                         f"{config[key]!r}.")
       _check_keys(config[key], reference[key], prefix=f"{prefix}{key}.")
 
 
-# Numeric arguments of the normalization modules that can be checked here,
-# before the model is built: key -> (kind, minimum).
-_NORM_KWARG_CHECKS = {
-    "window": ("int", 1),
-    "burn_in": ("int", 0),
-    "num_groups": ("int", 1),
-    "group_size": ("int", 1),
-    "ghost_batch_size": ("int", 1),
-}
-
-
 def _check_norm_kwargs(config) -> None:
+  """Every entry of ``config.norm_kwargs`` is keyed by a norm and is a dict
+  (the values are checked by the modules themselves: :func:`check_model`)."""
   for norm in config.norm_kwargs.keys():
-    if norm not in NORMS:
+    if norm not in NORMS or norm == "none":
       _fail(f"norm_kwargs.{norm}", f"is keyed by an unknown norm (known: "
-            f"{NORMS})", norm)
+            f"{NORMS[1:]})", norm)
     kwargs = config.norm_kwargs[norm]
     if not isinstance(kwargs, (ml_collections.ConfigDict, dict)):
       raise TypeError(f"config.norm_kwargs.{norm} must be a dict of the norm "
                       f"module's arguments, got {kwargs!r}.")
-    for name, value in kwargs.items():
-      key = f"norm_kwargs.{norm}.{name}"
-      if name in _NORM_KWARG_CHECKS:
-        _, minimum = _NORM_KWARG_CHECKS[name]
-        _int(config, key, minimum=minimum)
-      elif name == "momentum":
-        _number(config, key, low=0.0, high=1.0, high_open=True)
-      elif name == "epsilon":
-        _number(config, key, low=0.0, low_open=True)
-      elif name == "p" and not (isinstance(value, numbers.Real) and
-                                math.isinf(value)):
-        _number(config, key, low=1.0)
-  ghost = config.norm_kwargs.get("ghost", {}).get("ghost_batch_size")
-  if "ghost" in config.norms and ghost is not None:
-    per_device = config.batch_size // _num_shards(config)
-    if per_device % ghost:
-      _fail("norm_kwargs.ghost.ghost_batch_size",
-            f"must divide the per-device batch size {per_device}", ghost)
 
 
 def _num_shards(config) -> int:
@@ -206,6 +221,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise TypeError(f"config must be an ml_collections.ConfigDict, got "
                     f"{type(config).__name__}.")
   _check_keys(config, base_config())
+  if not isinstance(config.parts, ml_collections.ConfigDict):
+    raise TypeError(f"config.parts must be a ConfigDict of part name -> "
+                    f"overrides, got {config.parts!r}.")
+  if config.parts:
+    for name, part in config_parts(config):
+      try:
+        validate_config(part)
+      except (ValueError, TypeError) as e:
+        raise type(e)(f"{e} (in part {name!r}: config.parts.{name} "
+                      f"overrides the keys above)") from e
+    return
 
   _choice(config, "dataset", DATASETS)
   _choice(config, "data_source", DATA_SOURCES)
@@ -282,7 +308,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _int(config, "checkpoint_every", minimum=0)
   _int(config, "keep_checkpoints", minimum=1)
   _bool(config, "save_checkpoints")
-  _int(config, "precise_bn_batches", minimum=0)
+  _int(config, "precise_bn_samples", minimum=0)
+  _int(config, "precise_bn_batch_size", minimum=1)
   analysis = config.analysis
   if isinstance(analysis, str) or not isinstance(analysis, (tuple, list)):
     raise TypeError(f"config.analysis must be a tuple of analysis names "
@@ -297,22 +324,124 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           config.analysis_every)
   _bool(config, "progress_bar")
   _bool(config, "plots")
-  _check_model_construction(config)
+  check_model(config)
 
 
-def _check_model_construction(config) -> None:
-  """Builds (does not initialise) each model: create_model rejects unknown
-  model/norm keyword arguments; the error is re-raised naming the key."""
-  from bn_jax.models import create_model
+def config_parts(config) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """``[(part name, its config)]`` of a comparison in parts (``config.parts``:
+  name -> overrides merged into a copy of ``config``); ``[('', config)]``
+  when ``config.parts`` is empty.
+
+  Raises:
+    ValueError: an override names a key that is not a config key (named as
+      ``config.parts.<name>.<key>``).
+  """
+  if not config.parts:
+    return [("", config)]
+  out = []
+  for name, overrides in config.parts.items():
+    part = ml_collections.ConfigDict(config.to_dict())
+    part.parts = ml_collections.ConfigDict()
+    _merge(part, overrides, f"parts.{name}.")
+    out.append((name, part))
+  return out
+
+
+def _merge(config, overrides, prefix: str) -> None:
+  for key, value in overrides.items():
+    if key == "parts" or key not in config:
+      raise ValueError(f"config.{prefix}{key} is not a config key a part "
+                       f"can override; known keys: "
+                       f"{sorted(k for k in config.keys() if k != 'parts')}.")
+    if not prefix.count(".") > 2 and key == "model_kwargs":
+      config[key].update(dict(value))  # free-form: keys may be new
+    elif isinstance(value, (ml_collections.ConfigDict, dict)) and isinstance(
+        config[key], ml_collections.ConfigDict):
+      _merge(config[key], value, f"{prefix}{key}.")
+    else:
+      config[key] = value
+
+
+def input_shape_of(config) -> tuple[tuple[int, ...], int]:
+  """``(one per-device batch's shape, num_classes)`` of ``config.dataset``,
+  without loading it."""
+  if config.dataset == synthetic_data.NAME:
+    image_shape = (1, 1, config.synthetic.dim)
+    num_classes = config.synthetic.num_classes
+  else:
+    image_shape, num_classes = data_lib.dataset_shape(config.dataset)
+  batch = config.batch_size // _num_shards(config)
+  return (batch,) + tuple(image_shape), num_classes
+
+
+def _build(config, norm: str, norm_kwargs: dict, model_kwargs: dict,
+           input_shape, num_classes: int) -> None:
+  """Constructs the model and traces (abstractly: ``jax.eval_shape``, no
+  compute, no compilation) its init and a training-mode forward on one batch:
+  every argument check of the models and norm modules runs."""
+  import jax
+  import jax.numpy as jnp
+  model = models.create_model(
+      config.model, num_classes=num_classes, norm=norm,
+      norm_kwargs=norm_kwargs or None,
+      dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+      **model_kwargs)
+
+  def init_and_forward():
+    x = jnp.zeros(input_shape, jnp.float32)
+    keys = {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)}
+    variables = model.init(keys, x, train=False)
+    return model.apply(variables, x, train=True, mutable=["batch_stats"],
+                       rngs={"noise": keys["noise"]})
+
+  jax.eval_shape(init_and_forward)
+
+
+def _builds(*args) -> bool:
+  try:
+    _build(*args)
+  except Exception:  # noqa: BLE001 -- any failure means "does not build"
+    return False
+  return True
+
+
+def check_model(config) -> None:
+  """Builds every ``(model, norm)`` of ``config`` abstractly on one batch of
+  the dataset's shape; a failure is raised as a ValueError naming the key
+  that causes it: ``config.model_kwargs`` when the model fails without any
+  normalization, else the ``config.norm_kwargs.<norm>.<name>`` whose reset to
+  its default makes the build succeed (else ``config.norm_kwargs.<norm>``),
+  with the model's keys, which the norm's arguments must fit."""
+  input_shape, num_classes = input_shape_of(config)
   model_kwargs = config.model_kwargs.to_dict()
+  model_ok = None
   for norm in config.norms:
-    norm_kwargs = config.norm_kwargs.get(norm)
+    given = config.norm_kwargs.get(norm)
+    kwargs = {} if given is None else given.to_dict()
     try:
-      create_model(config.model, num_classes=10, norm=norm,
-                   norm_kwargs=None if norm_kwargs is None
-                   else norm_kwargs.to_dict(), **model_kwargs)
-    except (TypeError, ValueError) as e:
-      key = ("model_kwargs" if "model" in str(e).split("norm")[0]
-             else f"norm_kwargs.{norm}")
-      raise ValueError(f"config.{key} (model={config.model!r}, "
-                       f"norm={norm!r}) is not accepted: {e}") from e
+      _build(config, norm, kwargs, model_kwargs, input_shape, num_classes)
+      continue
+    except Exception as e:  # noqa: BLE001 -- re-raised naming the key
+      error = e
+    where = (f"config.model={config.model!r}, config.model_kwargs="
+             f"{model_kwargs}, input {input_shape}")
+    if model_ok is None:
+      model_ok = _builds(config, "none", {}, model_kwargs, input_shape,
+                         num_classes)
+    if not model_ok:
+      raise ValueError(f"config.model_kwargs ({where}) does not build: "
+                       f"{type(error).__name__}: {error}") from error
+    defaults = norms_lib.configurable_norm_kwargs(norm)
+    key, culprit = f"norm_kwargs.{norm}", ""
+    for name, value in kwargs.items():
+      default = defaults.get(name, (None, None))[1]
+      if value != default and _builds(
+          config, norm, {**kwargs, name: default}, model_kwargs, input_shape,
+          num_classes):
+        key = f"{key}.{name}"
+        culprit = (f"={value!r} (the model builds with its default "
+                   f"{default!r})")
+        break
+    raise ValueError(f"config.{key}{culprit} does not fit norm={norm!r} "
+                     f"with {where}: {type(error).__name__}: {error}"
+                     ) from error

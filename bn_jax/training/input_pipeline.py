@@ -9,9 +9,13 @@ uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Iterator
 
+import numpy as np
+
+from bn_jax.training import synthetic_data
 from bn_jax.training.synthetic_data import (SyntheticDataset,
                                             synthetic_batches,
                                             synthetic_gaussian)
@@ -19,7 +23,7 @@ from bn_jax.training.synthetic_data import (SyntheticDataset,
 
 def load_train_test(config):
   """``(train_ds, test_ds)`` named by ``config.dataset``."""
-  if config.dataset == "synthetic_gaussian":
+  if config.dataset == synthetic_data.NAME:
     kwargs = dict(config.synthetic)
     return tuple(synthetic_gaussian(split, seed=config.seed, **kwargs)
                  for split in ("train", "test"))
@@ -71,3 +75,94 @@ def eval_iterator(ds, config) -> Iterator[dict]:
   """The whole test set once, in order, the last batch padded and masked."""
   return epoch_iterator(ds, config.eval_batch_size, seed=0, epoch=0,
                         shuffle=False, augment=False, remainder="pad")
+
+
+# ---------------------------------------------------------------------------
+# Subsets, and data kept on the device (no augmentation).
+
+def select_examples(ds, index: np.ndarray):
+  """``ds`` (an ``ArrayDataset`` or ``SyntheticDataset``) restricted to the
+  examples ``index``; everything else (normalization statistics, name,
+  split) stays."""
+  if hasattr(ds, "_replace"):
+    return ds._replace(images=ds.images[index], labels=ds.labels[index])
+  return dataclasses.replace(ds, images=ds.images[index],
+                             labels=ds.labels[index])
+
+
+def subset(ds, num: int, seed: int = 0):
+  """The first ``num`` examples of a random permutation (fixed by seed) of
+  ``ds`` (in their original order); ``num <= 0`` keeps everything.
+
+  The per-channel normalization statistics stay those of the full train set.
+  """
+  if num <= 0 or num >= len(ds.labels):
+    return ds
+  index = np.sort(np.random.default_rng(seed).permutation(len(ds.labels))[
+      :num])
+  return select_examples(ds, index)
+
+
+def first_examples(ds, num: int):
+  """The first ``num`` examples of ``ds``; ``num <= 0`` keeps everything."""
+  if num <= 0 or num >= len(ds.labels):
+    return ds
+  return select_examples(ds, np.arange(num))
+
+
+def to_device(batch: dict) -> dict:
+  """A host batch's ``image`` and ``label`` as device arrays."""
+  import jax.numpy as jnp
+  return {"image": jnp.asarray(batch["image"]),
+          "label": jnp.asarray(batch["label"])}
+
+
+def epoch_index_batches(num_examples: int, batch_size: int, *, seed: int,
+                        start_step: int = 0) -> Iterator[np.ndarray]:
+  """Endless example-index batches in the training order.
+
+  Epoch ``e`` is ``np.random.default_rng([seed, e]).permutation(N)`` cut into
+  ``N // batch_size`` batches (remainder dropped): exactly the order of
+  :func:`train_iterator` without augmentation
+  (tests/test_experiments_bn_santurkar.py checks it).
+  """
+  per_epoch = num_examples // batch_size
+  if per_epoch < 1:
+    raise ValueError(f"batch_size={batch_size} is larger than the "
+                     f"{num_examples} training examples.")
+  epoch, skip = divmod(start_step, per_epoch)
+  while True:
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    for k in range(skip, per_epoch):
+      yield order[k * batch_size:(k + 1) * batch_size]
+    skip = 0
+    epoch += 1
+
+
+def normalized_arrays(ds):
+  """All of ``ds`` normalized as in training (no augmentation), on device:
+  ``(images, labels)``."""
+  batch = to_device(next(epoch_iterator(
+      ds, len(ds.labels), seed=0, epoch=0, shuffle=False, augment=False,
+      remainder="keep")))
+  return batch["image"], batch["label"]
+
+
+def fixed_batch(ds, size: int, seed: int = 1234) -> dict:
+  """A fixed batch (normalized like training, no augmentation) of ``size``
+  examples of ``ds``, on device: a probe / measurement batch."""
+  return to_device(next(epoch_iterator(
+      ds, size, seed=seed, epoch=0, shuffle=True, augment=False,
+      remainder="drop")))
+
+
+def leading_batches(ds, batch_size: int, limit: int) -> list:
+  """The first ``limit // batch_size`` full batches of ``ds`` in order
+  (normalized, no augmentation), on device; reused at every evaluation."""
+  out = []
+  for batch in epoch_iterator(ds, batch_size, seed=0, epoch=0, shuffle=False,
+                              augment=False, remainder="drop"):
+    if len(out) * batch_size >= limit:
+      break
+    out.append(to_device(batch))
+  return out

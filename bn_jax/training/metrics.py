@@ -133,11 +133,16 @@ RESULT_COLUMNS = (
 
 
 def results_table(rows: Iterable[Mapping]) -> str:
-  """A Markdown table, one row per run (see ``RESULT_COLUMNS``)."""
-  header = "| " + " | ".join(title for _, title, _ in RESULT_COLUMNS) + " |"
-  rule = "|" + "|".join("---" for _ in RESULT_COLUMNS) + "|"
+  """A Markdown table, one row per run (see ``RESULT_COLUMNS``; a first
+  ``part`` column when the rows come from a comparison in parts)."""
+  rows = list(rows)
+  columns = RESULT_COLUMNS
+  if any("part" in row for row in rows):
+    columns = (("part", "part", "s"),) + columns
+  header = "| " + " | ".join(title for _, title, _ in columns) + " |"
+  rule = "|" + "|".join("---" for _ in columns) + "|"
   lines = [header, rule]
   for row in rows:
-    cells = [_fmt(row.get(key), spec) for key, _, spec in RESULT_COLUMNS]
+    cells = [_fmt(row.get(key), spec) for key, _, spec in columns]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -44,10 +44,6 @@ class StepFunctions(NamedTuple):
   axis_name: Optional[str]
 
 
-def model_axis_name(data_parallel: bool) -> Optional[str]:
-  return AXIS_NAME if data_parallel else None
-
-
 def make_step_functions(learning_rate_fn, *, data_parallel: bool,
                         devices=None) -> StepFunctions:
   """``train_step``/``eval_step`` jitted, single-device or data parallel."""

@@ -29,13 +29,25 @@ from bn_jax.training.train_state import TrainState
 
 def cross_entropy_sums(logits: jax.Array, labels: jax.Array,
                        mask: Optional[jax.Array] = None):
-  """(sum of cross-entropies, number correct, number counted) over ``mask``.
+  """(sum of per-example cross-entropies, number of correct predictions,
+  number of examples), counting only examples where ``mask`` is True.
 
-  Logits are promoted to float32 first (bfloat16 models).
+  Sums rather than means so that they can be accumulated over batches (exact
+  evaluation over a padded test set) and over devices (``psum``). Logits are
+  promoted to float32 first (bfloat16 models). The one definition: the
+  analysis instruments' losses use it too.
   """
+  if logits.ndim != 2:
+    raise ValueError(f"logits must have shape [batch, num_classes], got "
+                     f"{logits.shape}.")
+  labels = jnp.asarray(labels)
+  if labels.shape != logits.shape[:1] or not jnp.issubdtype(
+      labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integer class ids of shape "
+                     f"{logits.shape[:1]}, got {labels.dtype}{labels.shape}.")
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   weights = (jnp.ones(labels.shape, jnp.float32) if mask is None
-             else mask.astype(jnp.float32))
+             else jnp.asarray(mask).astype(jnp.float32))
   per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
   return (jnp.sum(per_example * weights), jnp.sum(correct * weights),

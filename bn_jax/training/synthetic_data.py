@@ -17,6 +17,9 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 
+NAME = "synthetic_gaussian"  # config.dataset of this data
+
+
 class SyntheticDataset(NamedTuple):
   """Same fields as ``bn_jax.data.ArrayDataset`` (images are float32)."""
   images: np.ndarray   # float32 [n, 1, 1, dim]
@@ -43,7 +46,7 @@ def synthetic_gaussian(split: str, *, num_train: int, num_test: int, dim: int,
       images=x.reshape(n, 1, 1, dim).astype(np.float32),
       labels=np.argmax(scores, axis=-1).astype(np.int32),
       num_classes=num_classes, mean=np.zeros(dim, np.float32),
-      std=np.ones(dim, np.float32), name="synthetic_gaussian")
+      std=np.ones(dim, np.float32), name=NAME)
 
 
 def synthetic_batches(ds: SyntheticDataset, batch_size: int, *, seed: int,

@@ -1,0 +1,124 @@
+"""One source of truth for the training config (issue 8, item 2).
+
+* Every norm module's keyword arguments are keys of ``base_config()`` with
+  the module's defaults, overridable from the command line.
+* Passing those declared defaults builds exactly the model that passing no
+  ``norm_kwargs`` builds (same variables, same training-mode output): the
+  declarations change nothing.
+* A config error found only by building the model (GroupNorm's groups not
+  dividing a layer's width) is reported by ``validate_config``, before any
+  data is loaded, naming the key.
+"""
+import os
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from bn_jax.models import NORMS, create_model
+from bn_jax.models import norms as norms_lib
+from bn_jax.training import base_config, config_validation, validate_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _parse(argv, config_file="default.py"):
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      "config", os.path.join(REPO, "configs", config_file), flag_values=fv,
+      sys_argv=argv, lock_config=True)
+  fv(argv)
+  return fv.config
+
+
+def test_every_norm_argument_is_a_config_key_with_its_module_default():
+  config = base_config()
+  assert set(config.norm_kwargs.keys()) == set(NORMS) - {"none"}
+  # Spot checks against the modules' documented defaults (bn_jax.nn).
+  assert config.norm_kwargs.bn.momentum == 0.99
+  assert config.norm_kwargs.bn.epsilon == 1e-5
+  assert config.norm_kwargs.gn.num_groups is None  # per layer (models.norms)
+  assert config.norm_kwargs.ghost.ghost_batch_size == 32
+  assert config.norm_kwargs.lp.p == 2.0
+  assert "window" in config.norm_kwargs.cbn
+  assert "momentum" in config.norm_kwargs.cbn
+
+
+def test_any_norm_argument_can_be_overridden_from_the_command_line():
+  config = _parse(["train.py", "--config.norm_kwargs.cbn.momentum=0.5",
+                   "--config.norm_kwargs.gn.num_groups=4",
+                   "--config.norm_kwargs.lp.p=inf",
+                   "--config.norm_kwargs.bn.use_scale=False"])
+  assert config.norm_kwargs.cbn.momentum == 0.5
+  assert config.norm_kwargs.gn.num_groups == 4
+  assert config.norm_kwargs.lp.p == float("inf")
+  assert config.norm_kwargs.bn.use_scale is False
+  # The default config's own settings survive (it updates, not replaces).
+  assert config.norm_kwargs.cbn.window == 4  # the module's default
+  part = config.parts.small_batch.norm_kwargs.cbn
+  assert (part.window, part.burn_in) == (8, 300)
+
+
+@pytest.mark.parametrize("norm", [n for n in NORMS if n != "none"])
+def test_declared_defaults_build_the_same_model(norm):
+  declared = base_config().norm_kwargs[norm].to_dict()
+  x = jax.random.normal(jax.random.PRNGKey(3), (32, 12))
+  outs = []
+  for norm_kwargs in (None, declared):
+    # 12 and 20 units: GroupNorm's per-layer default groups differ (12, 20).
+    model = create_model("mlp", num_classes=3, norm=norm, hidden=(12, 20),
+                         norm_kwargs=norm_kwargs)
+    keys = {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)}
+    variables = model.init(keys, x, train=False)
+    y, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                       rngs={"noise": keys["noise"]})
+    outs.append((variables, y))
+  (v0, y0), (v1, y1) = outs
+  assert jax.tree.structure(v0) == jax.tree.structure(v1)
+  for a, b in zip(jax.tree.leaves(v0), jax.tree.leaves(v1)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Same module arguments, same computation: bit-identical.
+  np.testing.assert_array_equal(np.asarray(y0), np.asarray(y1))
+
+
+def test_model_errors_are_found_before_loading_data_naming_the_key(
+    train, monkeypatch, tmp_path):
+  def no_data(config):
+    raise AssertionError("data loaded before the config was validated")
+
+  monkeypatch.setattr(train.input_pipeline, "load_train_test", no_data)
+  # The issue's example: 8 groups (the config's) do not divide 4 channels.
+  config = _parse(["train.py", "--config.norms=('gn',)",
+                   "--config.model_kwargs.width=4"], "cifar10_resnet20.py")
+  with pytest.raises(ValueError, match=r"config\.norm_kwargs\.gn\.num_groups"
+                     r"=8 .*'width': 4.*must divide"):
+    train.run_comparison(config, str(tmp_path))
+  # A model keyword the model does not take: model_kwargs.
+  config = _parse(["train.py", "--config.norms=('bn',)"], "default.py")
+  config.unlock()
+  config.model_kwargs.depth = 3
+  with pytest.raises(ValueError, match=r"config\.model_kwargs"):
+    validate_config(config)
+  # A norm argument the module rejects (window >= 1), named exactly.
+  config = _parse(["train.py", "--config.norms=('cbn',)",
+                   "--config.norm_kwargs.cbn.window=0"])
+  with pytest.raises(ValueError, match=r"config\.norm_kwargs\.cbn\.window=0"):
+    validate_config(config)
+  # Ghost batches must divide the batch: found by the abstract build (of a
+  # training-mode forward: init alone does not normalize in ghost batches).
+  config = _parse(["train.py", "--config.norms=('ghost',)",
+                   "--config.batch_size=64",
+                   "--config.norm_kwargs.ghost.ghost_batch_size=5"])
+  with pytest.raises(ValueError,
+                     match=r"config\.norm_kwargs\.ghost\.ghost_batch_size=5"):
+    validate_config(config)
+
+
+def test_name_lists_are_the_other_layers_own():
+  from bn_jax import data, models
+  assert config_validation.NORMS is models.NORMS
+  assert config_validation.MODELS is models.MODELS
+  assert config_validation.DATASETS[:-1] == tuple(data.DATASETS)
+  assert norms_lib.NORMS is models.NORMS
