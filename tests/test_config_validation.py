@@ -122,3 +122,33 @@ def test_name_lists_are_the_other_layers_own():
   assert config_validation.MODELS is models.MODELS
   assert config_validation.DATASETS[:-1] == tuple(data.DATASETS)
   assert norms_lib.NORMS is models.NORMS
+
+
+def test_parts_merge_overrides_and_errors_name_the_part():
+  """configs/default.py's two parts: each part's config is the top-level
+  config with the part's overrides merged in (nested keys merge), command-
+  line overrides reach a part, and errors name the part."""
+  config = _parse(["train.py",
+                   "--config.parts.small_batch.learning_rate=0.05"])
+  parts = dict(config_validation.config_parts(config))
+  assert list(parts) == ["bn_paper", "small_batch"]
+  small, paper = parts["small_batch"], parts["bn_paper"]
+  assert (small.learning_rate, paper.learning_rate) == (0.05, 0.5)
+  assert (small.batch_size, paper.batch_size) == (2, 16)
+  assert tuple(small.norms) == ("bn", "cbn", "naive_cbn", "gn")
+  assert tuple(paper.norms) == ("none", "bn")
+  # Nested: the part sets window/burn_in; the other CBN keys keep defaults.
+  assert (small.norm_kwargs.cbn.window, small.norm_kwargs.cbn.burn_in) == (
+      8, 300)
+  assert small.norm_kwargs.cbn.momentum == paper.norm_kwargs.cbn.momentum
+  assert not small.parts and not paper.parts
+  config.unlock()
+  config.parts.small_batch.batchsize = 3
+  with pytest.raises(ValueError, match=r"config\.parts\.small_batch\."
+                     r"batchsize is not a config key"):
+    validate_config(config)
+  config = _parse(["train.py",
+                   "--config.parts.small_batch.norm_kwargs.cbn.window=0"])
+  with pytest.raises(ValueError, match=r"config\.norm_kwargs\.cbn\.window=0"
+                     r".*in part 'small_batch'"):
+    validate_config(config)

@@ -342,18 +342,19 @@ def config_parts(config) -> list[tuple[str, ml_collections.ConfigDict]]:
   for name, overrides in config.parts.items():
     part = ml_collections.ConfigDict(config.to_dict())
     part.parts = ml_collections.ConfigDict()
-    _merge(part, overrides, f"parts.{name}.")
+    _merge(part, overrides, f"parts.{name}.", top=True)
     out.append((name, part))
   return out
 
 
-def _merge(config, overrides, prefix: str) -> None:
+def _merge(config, overrides, prefix: str, top: bool = False) -> None:
+  """Writes ``overrides`` into ``config`` key by key (nested dicts merge)."""
   for key, value in overrides.items():
     if key == "parts" or key not in config:
       raise ValueError(f"config.{prefix}{key} is not a config key a part "
                        f"can override; known keys: "
                        f"{sorted(k for k in config.keys() if k != 'parts')}.")
-    if not prefix.count(".") > 2 and key == "model_kwargs":
+    if top and key == "model_kwargs":
       config[key].update(dict(value))  # free-form: keys may be new
     elif isinstance(value, (ml_collections.ConfigDict, dict)) and isinstance(
         config[key], ml_collections.ConfigDict):
