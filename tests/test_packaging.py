@@ -23,6 +23,9 @@ _MODULE_OF = {
     "tqdm": "tqdm", "absl-py": None,  # optax's own dependency: not blocked
     "scikit-learn": "sklearn", "tensorboardX": "tensorboardX",
     "tensorflow-cpu": "tensorflow", "tensorflow": "tensorflow",
+    # A backport tensorflow-datasets imports undeclared (tfds extra); not
+    # blocked: it is no part of the training stack the library must avoid.
+    "importlib_resources": None,
 }
 
 
