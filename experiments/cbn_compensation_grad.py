@@ -43,6 +43,7 @@ import numpy as np
 from bn_jax.analysis.cbn_staleness import cbn_staleness
 from bn_jax.data.datasets import load_dataset
 from bn_jax.models import create_model
+from bn_jax.nn.precise_bn import without_cbn_windows
 
 VARIANTS = {
     "bn": ("bn", {}),
@@ -90,24 +91,14 @@ def run(variant, seed, *, steps=3000, batch=2, lr=0.1, window=8,
   apply_fn = lambda v, b, **kw: model.apply(v, b, **kw)  # noqa: E731
   x_all = jnp.asarray(x_train)
 
-  def without_window(stats):
-    # window_count = 0: a CBN layer in train mode then normalizes with the
-    # current batch's own statistics, as BN does. Otherwise the window's
-    # 2-sample entries (weight (k-1)/k) would normalize the population batch
-    # and every later layer's "population" moments would be those of a
-    # differently normalized network.
-    if "window_count" in stats:
-      return dict(stats, window_count=jnp.zeros_like(stats["window_count"]))
-    return {k: without_window(v) if isinstance(v, dict) else v
-            for k, v in stats.items()}
-
   @jax.jit
   def population_moments(variables):
     # PreciseBN with the whole training set as one batch (weights frozen;
     # every layer's batch_moments hook stores its population moments).
     _, upd = model.apply(
         {"params": variables["params"],
-         "batch_stats": without_window(variables["batch_stats"])}, x_all,
+         "batch_stats": without_cbn_windows(variables["batch_stats"])},
+        x_all,
         train=True, mutable=["batch_stats", "batch_moments"])
     return upd["batch_moments"]
 
