@@ -21,13 +21,26 @@ single-device or data parallel with SyncBN), evaluation, one norm's run (the
 library's :func:`bn_jax.training.loop.train_loop` with this file's hooks:
 logging, evaluation with PreciseBN, analysis, checkpoints, NaN stop), the
 comparison over norms, and ``main``.
+
+Speed (issue 11; benchmarks/RESULTS.md, "Main job"): the training batches
+come from ``config.input_pipeline`` (:func:`training_feed`: without
+augmentation the normalized set stays on the device and only example
+indices travel), ``config.steps_per_dispatch`` steps run per dispatch as one
+``lax.scan`` (auto: dense models on CPU, everything on GPU/TPU), the test
+set is put on the device once per run, finished runs are plotted in a
+background thread, and ``main`` turns on JAX's persistent compilation cache
+(``--compilation_cache``), so a second run loads what the first compiled.
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import itertools
 import json
 import math
 import os
 import sys
+import threading
 from typing import Optional
 
 from absl import app, flags, logging
@@ -38,10 +51,9 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from bn_jax.analysis import training_hooks
 from bn_jax.training import (checkpoint, config_validation,
                              input_pipeline, loop, metrics as metrics_lib,
-                             optim, parallel, plots, train_state)
+                             optim, parallel, plots, steps, train_state)
 from bn_jax.training.train_state import TrainingDiverged
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +62,14 @@ DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and "
                     "plots (default: ./workdir/<config file name>).")
+flags.DEFINE_string(
+    "compilation_cache", os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+        "bn_jax", "jax_compilation_cache"),
+    "Directory of JAX's persistent compilation cache: a later run of the "
+    "same programs (same code, shapes, JAX and XLA flags) loads the compiled "
+    "executables instead of compiling them again (the same executables: the "
+    "same results). '' turns it off.")
 config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Training configuration file (a Python file "
     "with get_config()); override fields with --config.<key>=<value>.",
@@ -77,10 +97,15 @@ create_state = loop.create_state
 # 3. Evaluation: exact over the test set (padded last batch, masked), with
 #    the EMA statistics and, when config.precise_bn_samples > 0, PreciseBN's.
 
-def evaluate(step_fns: parallel.StepFunctions, state, test_ds, config) -> dict:
-  """Test loss and accuracy with the running statistics (``train=False``)."""
-  return loop.evaluate(step_fns.eval_step, state, _prefetch(
-      input_pipeline.eval_iterator(test_ds, config), step_fns.batch_sharding))
+def evaluate(step_fns: parallel.StepFunctions, state, test_ds,
+             config=None) -> dict:
+  """Test loss and accuracy with the running statistics (``train=False``)
+  over ``test_ds``: a dataset (batched by ``config.eval_batch_size``), or
+  its batches already on the device (a list, made once per run)."""
+  if not isinstance(test_ds, list):
+    test_ds = _prefetch(input_pipeline.eval_iterator(test_ds, config),
+                        step_fns.batch_sharding)
+  return loop.evaluate(step_fns.eval_step, state, test_ds)
 
 
 def precise_bn_state(config, state, single_model, train_ds):
@@ -121,6 +146,61 @@ def _prefetch(iterator, sharding):
 
 # 4. The training loop of one normalization.
 
+# 'host' without augmentation keeps a normalized float32 copy of the
+# training set on the device up to this size (else batches are streamed).
+_DEVICE_COPY_BYTES = 2 ** 31
+
+
+def training_feed(config, step_fns: parallel.StepFunctions, learning_rate_fn,
+                  train_ds, *, start_step: int, steps_per_dispatch: int):
+  """``(step_fn, multi_step_fn, batches)`` for :func:`loop.train_loop`: the
+  batches of steps ``start_step + 1, ...`` by ``config.input_pipeline``.
+
+  * Data parallel: host batches, sharded over the devices, one step per
+    dispatch (``step_fns.train_step``).
+  * ``'host'`` without augmentation or analysis: the normalized set on the device (up
+    to 2 GiB), the host sends each step's example indices (the host order:
+    the same batches as the NumPy pipeline, bit for bit).
+  * ``'host'`` otherwise: NumPy batches (stacked per dispatch when
+    ``steps_per_dispatch > 1``).
+  * ``'device'``: the uint8 set on the device; a step's batch is
+    ``bn_jax.data.batch_at(step)``, a pure function of ``(seed, step)``.
+  """
+  if config.data_parallel:
+    return step_fns.train_step, None, _prefetch(input_pipeline.train_iterator(
+        train_ds, config, start_step=start_step), step_fns.batch_sharding)
+  step_fn = functools.partial(steps.train_step,
+                              learning_rate_fn=learning_rate_fn)
+  gather, data = None, None
+  if config.input_pipeline == "device":
+    from bn_jax.data import device_pipeline
+    data = device_pipeline.put_on_device(
+        train_ds, padding=device_pipeline.CROP_PADDING if config.augment
+        else 0)
+    gather = loop.device_pipeline_gather(
+        batch_size=config.batch_size, seed=config.seed, augment=config.augment)
+    batches = itertools.count(start_step)  # batch_at's 0-based steps
+  elif (not config.augment and not config.analysis and
+        train_ds.images.size * 4 <= _DEVICE_COPY_BYTES):
+    # (Analysis instruments see each step's batch of images: host batches.)
+    data = input_pipeline.normalized_arrays(train_ds)
+    gather = loop.index_gather
+    batches = input_pipeline.epoch_index_batches(
+        len(train_ds.labels), config.batch_size, seed=config.seed,
+        start_step=start_step)
+  else:
+    batches = input_pipeline.train_iterator(train_ds, config,
+                                            start_step=start_step)
+    if steps_per_dispatch == 1:
+      return step_fns.train_step, None, _prefetch(batches, None)
+  run = loop.step_runner(step_fn, scan=steps_per_dispatch > 1, gather=gather,
+                         donate=True)
+  run_with_data = lambda state, batch: run(state, batch, data)
+  if steps_per_dispatch > 1:
+    return None, run_with_data, batches
+  return run_with_data, None, batches
+
+
 def num_train_steps_of(config, train_ds) -> int:
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
@@ -131,7 +211,8 @@ def num_train_steps_of(config, train_ds) -> int:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        norm: Optional[str] = None, data=None,
                        stop_after_steps: Optional[int] = None,
-                       validate: bool = True):
+                       validate: bool = True,
+                       background: Optional[list] = None):
   """Trains ``config.model`` with ``norm`` in ``workdir``; returns
   ``(state, summary)``.
 
@@ -139,7 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ``stop_after_steps`` stops the run early (after that many steps of this
   call, with a checkpoint), as a pre-emption would; the learning-rate
   schedule still spans ``num_train_steps``. ``validate=False`` skips
-  :func:`validate_config` (the caller ran it).
+  :func:`validate_config` (the caller ran it). ``background``: a list to
+  append the futures of work left running in a background thread (the
+  run's plot) to; the caller waits for them. None: done before returning.
 
   Raises:
     TrainingDiverged: the loss or the state became NaN/inf; the message names
@@ -153,9 +236,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       else data
   num_train_steps = num_train_steps_of(config, train_ds)
 
-  step_fns = parallel.make_step_functions(
-      optim.create_learning_rate_fn(config, num_train_steps),
-      data_parallel=config.data_parallel)
+  learning_rate_fn = optim.create_learning_rate_fn(config, num_train_steps)
+  step_fns = parallel.make_step_functions(learning_rate_fn,
+                                          data_parallel=config.data_parallel)
   per_device_batch = config.batch_size // step_fns.num_shards
   input_shape = (per_device_batch,) + tuple(train_ds.images.shape[1:])
   model = create_model(config, norm, train_ds.num_classes,
@@ -175,13 +258,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_step = int(jax.device_get(state.step))
   writer = metrics_lib.MetricsWriter(workdir)
   writer.truncate_after(start_step)
-  analysis_fn = (training_hooks.make_analysis_fn(config, single_model, tx)
-                 if config.analysis else None)
+  analysis_fn = None
+  if config.analysis:  # imported only when used (seconds)
+    from bn_jax.analysis import training_hooks
+    analysis_fn = training_hooks.make_analysis_fn(config, single_model, tx)
 
   end_step = num_train_steps if stop_after_steps is None else min(
       num_train_steps, start_step + stop_after_steps)
-  batches = _prefetch(input_pipeline.train_iterator(
-      train_ds, config, start_step=start_step), step_fns.batch_sharding)
+  steps_per_dispatch = loop.resolve_steps_per_dispatch(config)
+  train_fn, multi_step_fn, batches = training_feed(
+      config, step_fns, learning_rate_fn, train_ds, start_step=start_step,
+      steps_per_dispatch=steps_per_dispatch)
+  # The test set, normalized and on the device once for the whole run.
+  eval_batches = list(_prefetch(input_pipeline.eval_iterator(test_ds, config),
+                                step_fns.batch_sharding))
 
   def due(step, every):
     return every > 0 and step % every == 0
@@ -211,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     ex_s=f"{window.get('examples_per_sec', 0):.0f}")
     if due(step, config.eval_every) or step == num_train_steps:
       test = evaluate_with_statistics(config, step_fns, state, single_model,
-                                      train_ds, test_ds)
+                                      train_ds, eval_batches)
       writer.write(step, test)
       logging.info("%s step %d: %s", norm, step, test)
     if due(step, config.checkpoint_every) or step == end_step:
@@ -228,9 +318,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   dynamic_ncols=True)
   try:
     result = loop.train_loop(
-        step_fns.train_step, state, batches, start_step=start_step,
+        train_fn, state, batches, start_step=start_step,
         end_step=end_step, sync_every=config.log_every, sync_at=sync_at,
-        on_sync=on_sync, before_step=before_step)
+        on_sync=on_sync,
+        before_step=before_step if analysis_fn is not None else None,
+        steps_per_dispatch=steps_per_dispatch, multi_step_fn=multi_step_fn)
     state = result.state
     if result.diverged is not None:
       step, loss = result.diverged
@@ -246,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   records = metrics_lib.read_metrics(workdir)
   if start_step == num_train_steps:  # nothing left to train: evaluate again
     records.append(dict(step=start_step, **evaluate_with_statistics(
-        config, step_fns, state, single_model, train_ds, test_ds)))
+        config, step_fns, state, single_model, train_ds, eval_batches)))
   final_step = int(jax.device_get(state.step))
   summary = {
       "norm": norm,
@@ -269,9 +361,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   if config.plots:
-    plots.plot_runs({norm: records}, os.path.join(workdir, "curves.png"),
-                    title=f"{config.model} / {config.dataset} / {norm}")
+    plot = functools.partial(
+        plots.plot_runs, {norm: records}, os.path.join(workdir, "curves.png"),
+        title=f"{config.model} / {config.dataset} / {norm}")
+    if background is None:
+      plot()
+    else:  # drawn while the next run compiles and trains
+      background.append(_background_executor().submit(plot))
   return state, summary
+
+
+@functools.lru_cache(maxsize=1)
+def _background_executor():
+  """One worker thread for the plots (matplotlib, mostly Python) of finished
+  runs: the next run's compilation and training run in XLA, which releases
+  the GIL, so on 2 cores they overlap."""
+  from concurrent.futures import ThreadPoolExecutor
+  return ThreadPoolExecutor(max_workers=1, thread_name_prefix="plots")
 
 
 # 5. The comparison over config.norms, and main.
@@ -288,7 +394,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> list:
   # Fails on bad values (naming the key) before loading data or compiling.
   config_validation.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  rows, figure, titles, datasets = [], {}, [], {}
+  rows, figure, titles, datasets, background = [], {}, [], {}, []
   for part, part_config in config_validation.config_parts(config):
     data_key = (part_config.dataset, part_config.data_dir,
                 part_config.data_source)
@@ -300,7 +406,7 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> list:
       try:
         _, summary = train_and_evaluate(part_config, run_dir, norm=norm,
                                         data=datasets[data_key],
-                                        validate=False)
+                                        validate=False, background=background)
       except TrainingDiverged as e:
         logging.error("%s", e)
         print(f"[{part}/{norm}] {e}", file=sys.stderr)
@@ -327,7 +433,10 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> list:
     json.dump({"config": json.loads(config.to_json_best_effort()),
                "results": rows}, f, indent=2)
   if config.plots:
-    plots.plot_comparison(figure, os.path.join(workdir, "comparison.png"))
+    background.append(_background_executor().submit(
+        plots.plot_comparison, figure, os.path.join(workdir, "comparison.png")))
+  for future in background:
+    future.result()  # raises what a plot raised
   print(f"\n{heading}\n{table}\n\nResults, metrics and plots in "
         f"{os.path.abspath(workdir)}")
   return rows
@@ -347,9 +456,25 @@ def _quiet_orbax_info(record) -> bool:
           or "orbax" not in record.pathname)
 
 
+def enable_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in ``directory`` ('' = off), for
+  every program (the eager init's small ones too: they are most of a tiny
+  model's compilations), at most 1 GiB (least recently used evicted)."""
+  if not directory:
+    return
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  jax.config.update("jax_compilation_cache_max_size", 2 ** 30)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  enable_compilation_cache(FLAGS.compilation_cache)
+  # Imported while the data loads and the first model compiles.
+  threading.Thread(target=importlib.import_module, args=("orbax.checkpoint",),
+                   daemon=True).start()
   logging.get_absl_handler().addFilter(_quiet_orbax_info)
   config = FLAGS.config
   workdir = FLAGS.workdir or default_workdir()

@@ -22,28 +22,37 @@ code's gradient (``compensation_grad=False``); this measurement made
   current weights against the stale and the compensated entries, in units of
   the batch's sampling noise.
 
-A small SGD loop of its own (a measurement of the library API, independent
-of ``train.py``). Usage::
+Training is the library's (``bn_jax.training.loop``: ``create_state``,
+``step_functions``, ``train_loop`` with its ``on_sync``/``before_step``
+hooks for the measurements), on the library's input pipeline. Usage::
 
   python experiments/cbn_compensation_grad.py --seeds 0 1 2 \
-      --out experiments/cbn_compensation_grad.json
+      --out docs/results/cbn_compensation_grad/results.json \
+      | tee docs/results/cbn_compensation_grad/log.txt
 
-(``experiments/cbn_compensation_grad.{json,txt}``: that run, 3 seeds.)
+(``docs/results/cbn_compensation_grad/``: that run, 3 seeds.)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bn_jax.analysis.cbn_staleness import cbn_staleness
-from bn_jax.data.datasets import load_dataset
-from bn_jax.models import create_model
-from bn_jax.nn.precise_bn import without_cbn_windows
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+  sys.path.insert(0, _HERE)
+
+import common  # noqa: E402
+from bn_jax.analysis.cbn_staleness import cbn_staleness  # noqa: E402
+from bn_jax.models import create_model  # noqa: E402
+from bn_jax.nn.precise_bn import BATCH_MOMENTS, BATCH_STATS  # noqa: E402
+from bn_jax.nn.precise_bn import without_cbn_windows  # noqa: E402
+from bn_jax.training import input_pipeline, loop  # noqa: E402
 
 VARIANTS = {
     "bn": ("bn", {}),
@@ -53,12 +62,6 @@ VARIANTS = {
 }
 
 
-def _arrays(split):
-  ds = load_dataset("digits", split)
-  x = (ds.images.astype(np.float32) / 255.0 - ds.mean) / ds.std
-  return x.reshape(len(x), -1), ds.labels
-
-
 def run(variant, seed, *, steps=3000, batch=2, lr=0.1, window=8,
         burn_in=300, every=100, staleness_at=(1000, 2000, 3000)):
   norm, extra = VARIANTS[variant]
@@ -66,51 +69,29 @@ def run(variant, seed, *, steps=3000, batch=2, lr=0.1, window=8,
       else dict(extra)
   model = create_model("mlp", num_classes=10, norm=norm, norm_kwargs=kwargs,
                        hidden=(100, 100, 100), activation="sigmoid")
-  x_train, y_train = _arrays("train")
-  x_test, y_test = _arrays("test")
-  variables = model.init(jax.random.PRNGKey(seed), jnp.asarray(x_train[:2]),
-                         train=False)
+  config = common.library_config(
+      dataset="digits", batch_size=batch, seed=seed, optimizer="sgd",
+      learning_rate=lr, momentum=0.0, schedule="constant",
+      num_train_steps=steps)
+  train_ds, test_ds = input_pipeline.load_train_test(config)
+  state, lr_fn, _ = loop.create_state(
+      config, model, num_train_steps=steps,
+      input_shape=(batch,) + train_ds.image_shape, seed=seed)
+  step_fns = loop.step_functions(lr_fn)
+  # The whole training set as one batch: the population of every layer.
+  whole = next(input_pipeline.eval_iterator(train_ds, common.library_config(
+      config, eval_batch_size=len(train_ds.labels))))
+  x_all = whole["image"][:len(train_ds.labels)]
 
   @jax.jit
-  def train_step(variables, x, y):
-    def loss_fn(params):
-      logits, upd = model.apply(
-          {"params": params, "batch_stats": variables["batch_stats"]}, x,
-          train=True, mutable=["batch_stats"])
-      logp = jax.nn.log_softmax(logits)
-      return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1)), upd
-    grads, upd = jax.grad(loss_fn, has_aux=True)(variables["params"])
-    params = jax.tree.map(lambda p, g: p - lr * g, variables["params"], grads)
-    return {"params": params, "batch_stats": upd["batch_stats"]}
-
-  @jax.jit
-  def accuracy(variables):
-    logits = model.apply(variables, jnp.asarray(x_test), train=False)
-    return jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y_test))
-
-  apply_fn = lambda v, b, **kw: model.apply(v, b, **kw)  # noqa: E731
-  x_all = jnp.asarray(x_train)
-
-  @jax.jit
-  def population_moments(variables):
-    # PreciseBN with the whole training set as one batch (weights frozen;
-    # every layer's batch_moments hook stores its population moments).
+  def population_moments(state):
+    # Weights frozen; every layer's batch_moments hook stores its population
+    # moments (CBN windows emptied: each layer sees only this batch).
     _, upd = model.apply(
-        {"params": variables["params"],
-         "batch_stats": without_cbn_windows(variables["batch_stats"])},
-        x_all,
-        train=True, mutable=["batch_stats", "batch_moments"])
-    return upd["batch_moments"]
-
-  def precise(variables):
-    def swap(stats, moments):
-      if "mean" in moments:
-        return dict(stats, mean=moments["mean"], var=moments["var"])
-      return {k: swap(stats[k], moments[k]) if k in moments else stats[k]
-              for k in stats}
-    return {"params": variables["params"],
-            "batch_stats": swap(variables["batch_stats"],
-                                population_moments(variables))}
+        {"params": state.params,
+         "batch_stats": without_cbn_windows(state.batch_stats)},
+        x_all, train=True, mutable=[BATCH_STATS, BATCH_MOMENTS])
+    return upd[BATCH_MOMENTS]
 
   def layer_means(moments):
     out = {}
@@ -119,22 +100,33 @@ def run(variant, seed, *, steps=3000, batch=2, lr=0.1, window=8,
       out.setdefault(key, {})[path[-1].key] = np.asarray(leaf)
     return {k: (v["mean"], v["var"]) for k, v in out.items()}
 
-  rng = np.random.default_rng(seed)
-  order = np.concatenate([rng.permutation(len(x_train))
-                          for _ in range(steps * batch // len(x_train) + 2)])
   history, staleness, recent = [], {}, []
+
+  def record_batch(step, state, batch):
+    del step, state
+    recent.insert(0, {"image": batch["image"]})
+    del recent[window - 1:]
+
+  def measure(step, state, window_metrics):
+    del window_metrics
+    if step % every == 0:
+      history.append((step, layer_means(population_moments(state))))
+    if norm == "cbn" and step in staleness_at:
+      rep = cbn_staleness(
+          lambda v, b, **kw: model.apply(v, b["image"], **kw),
+          {"params": state.params, "batch_stats": state.batch_stats},
+          recent, train=True)
+      staleness[step] = {k: v.summary() for k, v in rep.items()}
+
   t0 = time.time()
-  for step in range(steps):
-    idx = order[step * batch:(step + 1) * batch]
-    xb, yb = jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx])
-    variables = train_step(variables, xb, yb)
-    recent = [xb] + recent[:window - 2]
-    done = step + 1
-    if done % every == 0:
-      history.append((done, layer_means(population_moments(variables))))
-    if norm == "cbn" and done in staleness_at:
-      rep = cbn_staleness(apply_fn, variables, recent, train=True)
-      staleness[done] = {k: v.summary() for k, v in rep.items()}
+  result = loop.train_loop(
+      step_fns.train_step, state, input_pipeline.train_iterator(train_ds,
+                                                                config),
+      end_step=steps, sync_every=every, sync_at=staleness_at,
+      on_sync=measure, before_step=record_batch)
+  if result.status != "ok":
+    raise RuntimeError(f"{variant} seed {seed}: {result.status}")
+  state = result.state
   drift = {}
   for (s0, a), (s1, b) in zip(history, history[1:]):
     if s0 < burn_in:
@@ -144,8 +136,15 @@ def run(variant, seed, *, steps=3000, batch=2, lr=0.1, window=8,
       mu1, _ = b[layer]
       drift.setdefault(layer, []).append(
           float(np.mean(np.abs(mu1 - mu0) / np.sqrt(var0 + 1e-12))))
-  ema_acc = float(accuracy(variables))
-  precise_acc = float(accuracy(precise(variables)))
+
+  def accuracy(state):
+    return float(loop.evaluate(step_fns.eval_step, state,
+                               input_pipeline.eval_iterator(test_ds, config))
+                 ["test_accuracy"])
+  ema_acc = accuracy(state)
+  # PreciseBN with the whole training set as one batch.
+  precise_acc = accuracy(loop.precise_bn_state(
+      state, model.apply, iter([{"image": x_all}]), num_batches=1))
   return dict(variant=variant, seed=seed, ema_acc=ema_acc,
               precise_acc=precise_acc, gap=ema_acc - precise_acc,
               drift_per_100={k: float(np.mean(v)) for k, v in drift.items()},
@@ -176,6 +175,7 @@ def main():
                 f"{s['mean_gain']:.2f}; var stale {s['stale_var']:.3f} comp "
                 f"{s['compensated_var']:.3f}", flush=True)
   if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1)
 

@@ -6,8 +6,13 @@ import os
 import pathlib
 import sys
 
-# Must be set before JAX initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before JAX initialises its backends. Appended to XLA_FLAGS so
+# that the suite can run under other XLA flags (e.g. XLA_FLAGS=
+# --xla_cpu_max_isa=SSE4_2, issue 13) and still see 8 simulated devices.
+_xla_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _xla_flags:
+  os.environ["XLA_FLAGS"] = (
+      _xla_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

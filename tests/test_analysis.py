@@ -91,7 +91,8 @@ def test_ics_matches_hand_built_mixed_gradients():
   order = list(params)
 
   out = jax.jit(functools.partial(internal_covariate_shift, _mlp_loss,
-                                  update_fn=update_fn))(params, None, batch)
+                                  update_fn=update_fn, layers=order))(
+                                      params, None, batch)
   ref = _reference_ics(params, batch, new_params, order)
   for name, (l2, cos, gnorm) in ref.items():
     np.testing.assert_allclose(out[f"ics/{name}/l2_diff"], l2,
@@ -132,8 +133,8 @@ def test_ics_is_zero_when_earlier_layers_do_not_move():
                 if k == last else v) for k, v in params.items()}
 
   out = jax.jit(functools.partial(internal_covariate_shift, _mlp_loss,
-                                  update_fn=last_layer_only))(
-                                      params, None, batch)
+                                  update_fn=last_layer_only,
+                                  layers=list(params)))(params, None, batch)
   for name in params:
     gnorm = float(out[f"ics/{name}/grad_norm"])
     assert gnorm > 0
@@ -141,9 +142,10 @@ def test_ics_is_zero_when_earlier_layers_do_not_move():
     np.testing.assert_allclose(out[f"ics/{name}/cosine"], 1.0, atol=1e-6)
 
 
-def test_ics_default_layer_order_follows_the_data_flow():
+def test_ics_layer_positions_follow_the_given_order():
   # Key order (alphabetical, as after any jax.tree.map) is the reverse of the
-  # forward order; the forward runs inside an inner jit and a custom_jvp relu.
+  # forward order; the measure follows the order it is given. Without one it
+  # refuses (a params dict cannot tell the forward order).
   rng = np.random.default_rng(9)
   params = {name: jnp.asarray(rng.normal(size=shape) / 3, jnp.float32)
             for name, shape in (("a_out", (6, 3)), ("m_hidden", (6, 6)),
@@ -163,8 +165,8 @@ def test_ics_default_layer_order_follows_the_data_flow():
 
   batch = _mlp_batch(10)
   out = jax.jit(functools.partial(internal_covariate_shift, loss_fn,
-                                  update_fn=sgd_update_fn(1.0)))(
-                                      params, None, batch)
+                                  update_fn=sgd_update_fn(1.0),
+                                  layers=flow))(params, None, batch)
   assert [int(out[f"ics/{k}/position"]) for k in flow] == [0, 1, 2]
   grad_fn = jax.jit(jax.grad(loss_fn))
   grads = grad_fn(params, None, batch)
@@ -175,6 +177,9 @@ def test_ics_default_layer_order_follows_the_data_flow():
                                rtol=1e-4, atol=1e-6 * gnorm)
     np.testing.assert_allclose(out[f"ics/{name}/cosine"], cos, atol=1e-5)
   assert ref["a_out"][0] > 1e-3 * ref["a_out"][2]
+  with pytest.raises(TypeError, match="layers"):
+    internal_covariate_shift(loss_fn, params, None, batch,
+                             update_fn=sgd_update_fn(1.0))
 
 
 def test_ics_optax_update_matches_manual_momentum_step():
@@ -191,7 +196,7 @@ def test_ics_optax_update_matches_manual_momentum_step():
   def measure(params, batch, opt_state):
     return internal_covariate_shift(
         _mlp_loss, params, None, batch,
-        update_fn=optax_update_fn(tx, opt_state))
+        update_fn=optax_update_fn(tx, opt_state), layers=list(params))
 
   out = measure(params, batch, opt_state)
   # Independent: heavy-ball momentum written out, v = 0.9 v + g; W -= lr v.
@@ -218,15 +223,17 @@ def test_ics_rejects_bad_arguments():
   with pytest.raises(TypeError, match="single string"):
     internal_covariate_shift(_mlp_loss, params, None, batch, update_fn=sgd,
                              layers="layer0")
+  layers = list(params)
   with pytest.raises(ValueError, match="update_fn"):
     internal_covariate_shift(_mlp_loss, params, None, batch,
-                             update_fn=lambda p, g: {"layer0": p["layer0"]})
+                             update_fn=lambda p, g: {"layer0": p["layer0"]},
+                             layers=layers)
   with pytest.raises(ValueError, match="floating scalar"):
     internal_covariate_shift(lambda p, s, b: b["x"].sum(0), params, None,
-                             batch, update_fn=sgd)
+                             batch, update_fn=sgd, layers=layers)
   with pytest.raises(ValueError, match="method"):
     internal_covariate_shift(_mlp_loss, params, None, batch, update_fn=sgd,
-                             method="scan")
+                             method="scan", layers=layers)
 
 
 # -------------------------------------------------------------- landscape ---
@@ -469,11 +476,11 @@ def test_make_loss_fn_and_capture_use_batch_statistics():
   np.testing.assert_allclose(preactivations(inter)["preact"], preact,
                              rtol=1e-5, atol=1e-5)
 
-  # ICS through a flax model: layers keyed by module name, in creation order.
-  # ICS through a flax model: layers are the modules, in data-flow order
+  # ICS through a flax model: layers are the modules, in forward order
   # (the params dict here is alphabetical: Dense_0, Dense_1, bn).
   out = jax.jit(functools.partial(internal_covariate_shift, loss_fn,
-                                  update_fn=sgd_update_fn(0.5)))(
+                                  update_fn=sgd_update_fn(0.5),
+                                  layers=("Dense_0", "bn", "Dense_1")))(
                                       variables["params"],
                                       variables["batch_stats"], batch)
   assert list(variables["params"]) == ["Dense_0", "Dense_1", "bn"]

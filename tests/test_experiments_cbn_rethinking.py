@@ -148,47 +148,87 @@ def test_downsample_is_block_mean(cbn_exp):
 def test_cbn_grid_and_norm_arguments(cbn_exp):
   config = _config("exp_cbn_small_batch", batch_sizes=(16, 4),
                    cbn_max_batch_size=8, ablation_windows=(2,),
-                   ablation_burn_in_fractions=(0.0,))
-  names = [s.name for s in cbn_exp.run_specs(config)]
-  assert names == ["bn_b16", "gn_b16", "brn_b16", "bn_b4", "gn_b4", "brn_b4",
-                   "naive_cbn_b4", "cbn_b4", "cbn_k2_b4", "cbn_burnin0_b4"]
-  specs = {s.name: s for s in cbn_exp.run_specs(config)}
+                   ablation_burn_in_fractions=(0.0,), ablation_batch_size=4,
+                   seeds=(0, 3))
+  specs = cbn_exp.run_specs(config)
+  cells = ["bn_b16", "gn_b16", "brn_b16", "bn_b4", "gn_b4", "brn_b4",
+           "naive_cbn_b4", "cbn_b4", "cbn_nograd_b4", "cbn_k2_b4",
+           "cbn_burnin0_b4"]
+  assert [s.name for s in specs] == ([f"{c}_s0" for c in cells] +
+                                     [f"{c}_s3" for c in cells])
+  assert [s.seed for s in specs] == [0] * 11 + [3] * 11
+  specs = {s.name: s for s in specs}
   steps = cbn_exp.num_steps_of(config, 4)
   assert steps == config.train_samples // 4
-  norm, kw = cbn_exp.norm_of(config, specs["naive_cbn_b4"], steps)
+  norm, kw = cbn_exp.norm_of(config, specs["naive_cbn_b4_s0"], steps)
   assert (norm, kw["rho"], kw["window"]) == ("cbn", 0.0, config.cbn_window)
   assert kw["burn_in"] == round(config.cbn_burn_in_fraction * steps)
-  norm, kw = cbn_exp.norm_of(config, specs["cbn_burnin0_b4"], steps)
+  # CBN keeps the library's defaults (momentum, gradient through the
+  # compensation) unless it is the no-grad variant.
+  assert "momentum" not in kw and "compensation_grad" not in kw
+  _, kw = cbn_exp.norm_of(config, specs["cbn_nograd_b4_s3"], steps)
+  assert (kw["rho"], kw["compensation_grad"]) == (1.0, False)
+  norm, kw = cbn_exp.norm_of(config, specs["cbn_burnin0_b4_s0"], steps)
   assert (kw["rho"], kw["burn_in"]) == (1.0, 0)
-  t = cbn_exp.training_config(config, 4, steps)
+  t = cbn_exp.training_config(config, 4, steps, seed=3)
   assert t.learning_rate == pytest.approx(
       config.base_learning_rate * 4 / config.base_batch_size)
+  assert t.seed == 3
   with pytest.raises(ValueError, match="methods"):
     cbn_exp.run_specs(_config("exp_cbn_small_batch", methods=("bn", "xn")))
+  with pytest.raises(ValueError, match="seeds"):
+    cbn_exp.run_specs(_config("exp_cbn_small_batch", seeds=()))
+
+
+def test_cbn_spread_is_mean_and_sample_std(cbn_exp):
+  got = cbn_exp.spread([0.25, 0.5, 0.75])
+  assert got["mean"] == 0.5 and got["std"] == pytest.approx(0.25)  # ddof 1
+  assert (got["min"], got["max"]) == (0.25, 0.75)
+  assert cbn_exp.spread([0.4])["std"] == 0.0
+  assert cbn_exp.spread([0.4, None]) is None
 
 
 def test_cbn_sweep_smoke(cbn_exp, tmp_path):
   config = _config(
       "exp_cbn_small_batch", dataset="digits", downsample=1, width=2,
-      stage_sizes=(1,),
+      stage_sizes=(1,), seeds=(0, 1),
       methods=("cbn",), batch_sizes=(2,), cbn_window=2,
-      train_samples=8, eval_batch_size=360, ablation_windows=(),
+      train_samples=16, eval_batch_size=360, ablation_windows=(),
       ablation_burn_in_fractions=(), ablation_batch_size=2, log_every=2,
-      compilation_cache=False)
+      staleness_fractions=(0.5,), precise_bn_samples=40,
+      precise_bn_batch_size=20, compilation_cache=False)
   results = cbn_exp.run_sweep(config, str(tmp_path), log=lambda *a: None)
-  acc = results["test_accuracy"]
-  assert set(acc) == {"cbn"} and 0.0 <= acc["cbn"]["2"] <= 1.0
-  run = results["runs"]["cbn_b2"]
+  cells = results["cells"]
+  assert set(cells) == {"cbn_b2"}
   num_test = len(load_dataset("digits", "test").labels)
-  assert run["num_steps"] == 4 and run["test_examples"] == num_test
-  # Exact evaluation over the padded, masked test set: a count / num_test.
-  count = acc["cbn"]["2"] * num_test
-  assert abs(count - round(count)) < 1e-9 and math.isfinite(run["test_loss"])
-  assert run["norm_kwargs"]["burn_in"] == 1  # 0.25 * 4 steps
-  for png in ("accuracy_vs_batch.png", "train_curves.png"):
-    assert (tmp_path / png).stat().st_size > 0
+  for seed in (0, 1):
+    run = results["runs"][f"cbn_b2_s{seed}"]
+    assert run["num_steps"] == 8 and run["test_examples"] == num_test
+    assert run["norm_kwargs"]["burn_in"] == 2  # 0.25 * 8 steps
+    # Exact evaluation over the padded, masked test set: a count / num_test,
+    # for both the running and the PreciseBN statistics.
+    for key in ("test_accuracy", "precise_bn_test_accuracy"):
+      count = run[key] * num_test
+      assert abs(count - round(count)) < 1e-9
+    # The staleness at step 4 (after the 2 burn-in steps the window holds
+    # the previous step's entry): one row per CBN layer (stem conv, stage
+    # conv x2), finite, in units of the sampling noise.
+    layers = run["staleness"]["4"]["layers"]
+    assert len(layers) == 3
+    for layer in layers.values():
+      assert all(math.isfinite(v) and v >= 0 for v in layer.values())
+  cell = cells["cbn_b2"]["test_accuracy"]
+  values = [results["runs"][f"cbn_b2_s{s}"]["test_accuracy"] for s in (0, 1)]
+  assert cell["values"] == values
+  assert cell["mean"] == pytest.approx(np.mean(values))
+  assert cell["std"] == pytest.approx(np.std(values, ddof=1))
+  # The two seeds are different runs.
+  assert (results["runs"]["cbn_b2_s0"]["test_loss"] !=
+          results["runs"]["cbn_b2_s1"]["test_loss"])
+  for f in ("accuracy_vs_batch.png", "train_curves.png", "results.md"):
+    assert (tmp_path / f).stat().st_size > 0
   saved = json.loads((tmp_path / "results.json").read_text())
-  assert saved["test_accuracy"] == acc
+  assert saved["cells"] == json.loads(json.dumps(cells))
 
 
 def test_stats_divergence_formula(rethinking_exp):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bn_jax.core.cross_iteration_batch_norm import CBNState
+from bn_jax import nn as bn_jax_nn
 from bn_jax.models import MODELS, NORMS, create_model, norms
 from bn_jax.models.norms import ConvNorm
 from bn_jax.models.resnet import BasicBlock, CifarResNet
@@ -129,15 +130,52 @@ def count_preacts(intermediates):
 # The full model x norm matrix, traced.
 
 
+# Every norm module class of bn_jax.nn a model may build.
+_ALL_NORM_CLASSES = tuple({c for n in NORMS for c in norms.norm_module_classes(
+    n)})
+
+
+def recording_norm_calls(calls):
+  """A flax method interceptor appending, for every call of a norm module,
+  (its path, the module, the input, the output) to ``calls``."""
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if (isinstance(context.module, _ALL_NORM_CLASSES) and
+        context.method_name == '__call__'):
+      calls.append((tuple(context.module.scope.path), context.module,
+                    args[0], out))
+    return out
+  return flax.linen.intercept_methods(interceptor)
+
+
 @pytest.mark.parametrize('norm', NORMS)
 @pytest.mark.parametrize('name', MODELS)
 def test_every_model_every_norm_traced(name, norm):
+  """The model x norm matrix, abstractly (jax.eval_shape: no compilation):
+  the parameter tree (the bias rule), gradients for every parameter, one
+  sown pre-activation per nonlinearity, and the wiring of the norm into
+  every layer, each a property a wrong model breaks:
+
+  - every Conv/Dense layer but the head calls exactly one module of the named
+    norm ('ln' on a conv is GroupNorm with one group), in init, training and
+    evaluation, with the norm_kwargs given, over the channels axis of the
+    layer's output (its input's last dimension is the layer's features);
+  - training normalizes with batch statistics (use_running_average=False),
+    init and evaluation with the running ones (True);
+  - the norms with running statistics keep them per layer, one value per
+    channel, and training returns an update of every one of them.
+
+  (Their numerics, executed: test_every_norm_executes; per model with BN:
+  test_every_model_executes_with_bn; training: tests/test_training.py.)
+  """
   model = tiny_model(name, norm)
   x = jax.ShapeDtypeStruct(TINY_IMAGE, jnp.float32)
   creation_order = []
+  calls = []
 
   def traced(x):
-    out = full_step(model, x)
+    with recording_norm_calls(calls):
+      out = full_step(model, x)
     # Inside the trace the params dict still has Flax's creation order.
     creation_order.extend(out['variables']['params'])
     return out
@@ -154,16 +192,58 @@ def test_every_model_every_norm_traced(name, norm):
   assert count_preacts(out['updates']['intermediates']) == NUM_PREACTS[name]
   has_stats = 'batch_stats' in out['variables']
   assert has_stats == (norm in STATEFUL_NORMS)
-  if norm in CBN_NORMS:
+
+  # The norm of every layer: where it is, what it is, how it is called.
+  layers = {path: node['kernel'].shape[-1]
+            for path, node in kernel_nodes(params) if path[-1] != 'head'}
+  norm_paths = {(p if norm in CBN_NORMS else p[:-1] + ('norm',)): features
+                for p, features in layers.items()}
+  if norm == 'none':
+    assert not calls
+    return
+  # init, the training forward (traced once by value_and_grad), evaluation.
+  assert len(calls) == 3 * len(norm_paths), (len(calls), len(norm_paths))
+  phases = {'init': calls[:len(norm_paths)],
+            'train': calls[len(norm_paths):2 * len(norm_paths)],
+            'eval': calls[2 * len(norm_paths):]}
+  classes = norms.norm_module_classes(norm)
+  for phase, phase_calls in phases.items():
+    assert {call[0] for call in phase_calls} == set(norm_paths), phase
+    for path, module, inputs, _ in phase_calls:
+      if norm == 'ln' and isinstance(module, bn_jax_nn.GroupNorm):
+        assert module.num_groups == 1, path  # LN of a conv layer
+      else:
+        assert isinstance(module, classes), (path, type(module))
+      for key, value in TINY_NORM_KWARGS.get(norm, {}).items():
+        assert getattr(module, key) == value, (path, key)
+      if norm == 'naive_cbn':
+        assert module.rho == 0.0, path
+      if norm not in CBN_NORMS:  # a CBN module's input is the layer's input
+        assert inputs.shape[-1] == norm_paths[path], (path, inputs.shape)
+        assert getattr(module, 'axis', -1) in (-1, inputs.ndim - 1), path
+      if hasattr(module, 'use_running_average'):
+        assert module.use_running_average == (phase != 'train'), (
+            phase, path)
+  if has_stats:
     stats = out['variables']['batch_stats']
-    for path, node in kernel_nodes(params):
-      if path[-1] != 'cbn':
-        continue
-      state = get(stats, path)
-      assert set(state) == set(CBNState._fields), path
-      window = TINY_NORM_KWARGS[norm]['window']
-      assert state['window_weight'].shape == (window - 1,) + \
-          node['kernel'].shape
+    updated = out['updates']['batch_stats']
+    assert jax.tree.structure(updated) == jax.tree.structure(stats)
+    stats_paths = {k[:-1] for k in flax.traverse_util.flatten_dict(stats)}
+    assert stats_paths == set(norm_paths), (stats_paths, set(norm_paths))
+    for path, features in norm_paths.items():
+      layer_stats = get(stats, path)
+      if norm in CBN_NORMS:
+        assert set(layer_stats) == set(CBNState._fields), path
+        kernel_shape = get(params, path)['kernel'].shape
+        window = TINY_NORM_KWARGS[norm]['window']
+        assert layer_stats['window_weight'].shape == (
+            window - 1,) + kernel_shape
+        assert layer_stats['mean'].shape == (features,), path
+      else:
+        for key, leaf in layer_stats.items():
+          if jnp.issubdtype(leaf.dtype, jnp.integer) and leaf.shape == ():
+            continue  # Batch Renorm's step counter (its r/d schedule)
+          assert leaf.shape == (features,), (path, key, leaf.shape)
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -187,9 +267,18 @@ def assert_finite(tree):
     assert np.all(np.isfinite(np.asarray(leaf, np.float32))), leaf
 
 
-def norm_probe(module, x):
-  """full_step plus the first sample's output when other samples change."""
+def norm_probe(module, x, modules=None):
+  """full_step plus the first sample's output when other samples change, and
+  (in ``out['norm_io']``) the input and output of every norm module in a
+  training-mode forward at init (the modules themselves: ``modules``)."""
   out = full_step(module, x)
+  calls = []
+  with recording_norm_calls(calls):
+    module.apply(out['variables'], x, train=True, mutable=['batch_stats'],
+                 rngs={'noise': jax.random.key(0)})
+  out['norm_io'] = [(inputs, outputs) for _, _, inputs, outputs in calls]
+  if modules is not None:
+    modules.append([m for _, m, _, _ in calls])
   variables = dict(out['variables'])
   if 'batch_stats' in out['updates']:
     variables['batch_stats'] = out['updates']['batch_stats']
@@ -210,6 +299,75 @@ def norm_probe(module, x):
   return out
 
 
+def _normalized(x, axes, eps):
+  """NumPy float64 (x - mean) / sqrt(var + eps) over ``axes``."""
+  mean = x.mean(axes, keepdims=True)
+  return (x - mean) / np.sqrt(x.var(axes, keepdims=True) + eps)
+
+
+def check_norm_outputs(norm_modules, norm_io):
+  """Each norm module's training-mode output at init (scale 1, bias 0, the
+  initial running statistics) against its definition in NumPy float64,
+  from the module's own input (channels last):
+
+  BatchNorm / BatchRenorm (r = 1, d = 0 at step 0): batch statistics over
+  every axis but the channels, per ghost batch with ghost_batch_size;
+  GroupNorm: per sample and group of channels; LayerNorm: per sample over the
+  features; FrozenBatchNorm: the initial statistics (mean 0, var 1);
+  LpNorm: (x - mean) / sqrt(n^2 + eps), n the mean l_p distance to the mean
+  (p = 1, 2; l_inf: the max). NoisyBatchNorm draws noise (its distribution
+  is tested in tests/test_noisy_lp_frozen.py): only finiteness here. CBN (the module
+  owns the conv/dense, so its input is the layer's input): with an empty
+  window, every channel of the output has batch mean 0 and variance
+  v / (v + eps) <= 1.
+
+  Tolerance: the float32 statistics of <= 16 values and one normalization
+  are exact to ~20 eps_f32 = 2.4e-6 relative to the largest |y|: 1e-4 of it
+  is > 10x that; normalizing over the wrong axes or with the running
+  statistics is off by O(1).
+  """
+  for module, (x, y) in zip(norm_modules, norm_io):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    eps = module.epsilon
+    channels_last = tuple(range(x.ndim - 1))
+    kind = type(module).__name__
+    if kind in ('ConvCBN', 'DenseCBN'):
+      axes = tuple(range(y.ndim - 1))
+      np.testing.assert_allclose(y.mean(axes), 0.0, atol=1e-4)
+      var = y.var(axes)
+      assert np.all(var <= 1 + 1e-4) and np.all(var >= 0.9), var
+      continue
+    if kind == 'NoisyBatchNorm':
+      assert np.all(np.isfinite(y))
+      continue
+    if kind in ('BatchNorm', 'BatchRenorm'):
+      ghost = getattr(module, 'ghost_batch_size', None) or x.shape[0]
+      groups = x.reshape((x.shape[0] // ghost, ghost) + x.shape[1:])
+      expected = _normalized(groups, tuple(range(1, groups.ndim - 1)), eps)
+      expected = expected.reshape(x.shape)
+    elif kind == 'GroupNorm':
+      g = module.num_groups
+      grouped = x.reshape(x.shape[:-1] + (g, x.shape[-1] // g))
+      axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+      expected = _normalized(grouped, axes, eps).reshape(x.shape)
+    elif kind == 'LayerNorm':
+      expected = _normalized(x, (x.ndim - 1,), eps)
+    elif kind == 'FrozenBatchNorm':
+      expected = x / np.sqrt(1.0 + eps)
+    elif kind == 'LpNorm':
+      centred = x - x.mean(channels_last, keepdims=True)
+      p = float(module.p)
+      n = (np.abs(centred).max(channels_last, keepdims=True) if p == np.inf
+           else (np.abs(centred) ** p).mean(channels_last, keepdims=True) ** (
+               1 / p))
+      expected = centred / np.sqrt(n ** 2 + eps)
+    else:
+      raise AssertionError(f'no reference for {kind}')
+    scale = max(1.0, np.abs(expected).max())
+    np.testing.assert_allclose(y, expected, atol=1e-4 * scale, rtol=0,
+                               err_msg=kind)
+
+
 @pytest.mark.parametrize('norm', NORMS)
 def test_every_norm_executes(norm):
   x = jax.random.normal(jax.random.key(3), (BATCH, 2, 2, 3)) * 3.0 + 1.0
@@ -218,8 +376,14 @@ def test_every_norm_executes(norm):
   model = create_model('deep_linear', num_classes=NUM_CLASSES, norm=norm,
                        norm_kwargs=kwargs, depth=2, width=4)
   block = ConvNorm(4, (3, 3), norm=norm, norm_kwargs=kwargs)
-  outs = run_fast(lambda x: [norm_probe(m, x) for m in (model, block)], x)
-  for out in outs:
+  modules = []  # the norm modules of each, in call order (filled by tracing)
+  outs = run_fast(lambda x: [norm_probe(m, x, modules)
+                             for m in (model, block)], x)
+  # deep_linear(depth=2) has one normalized hidden layer, the block one.
+  for out, norm_modules, num_norms in zip(outs, modules, (1, 1)):
+    assert len(out['norm_io']) == len(norm_modules) == (
+        num_norms if norm != 'none' else 0)
+    check_norm_outputs(norm_modules, out['norm_io'])
     assert out['logits'].shape[0] == BATCH
     assert_finite(out)
     grad_norm = sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(

@@ -8,6 +8,8 @@ import numpy as np
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
+# Slow (~30 s: the README's examples compile several modules, op by op as a
+# user runs them): the public API's first contact must keep working.
 def test_readme_python_examples_run():
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
   assert len(blocks) >= 2, "README lost its Python examples"

@@ -40,10 +40,14 @@ _TIMING_KEYS = ("examples_per_sec", "train_seconds")
 
 
 def _env(devices=None):
+  """The user's environment with one device (or ``devices`` simulated ones);
+  the other XLA flags the suite runs under (e.g. --xla_cpu_max_isa) stay."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  env.pop("XLA_FLAGS", None)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
   return env
 
 
@@ -92,6 +96,8 @@ def _results_without_timings(workdir):
           for row in rows]
 
 
+# Slow (a subprocess importing JAX and compiling the default MLP, killed
+# after its first evaluation): the README's first command, run as written.
 def test_no_arguments_trains_the_default_config_into_workdir_default(
     tmp_path):
   """`python train.py` exactly as the README runs it, in an empty directory:
@@ -120,6 +126,9 @@ def test_no_arguments_trains_the_default_config_into_workdir_default(
   assert sorted(os.listdir(tmp_path / "workdir")) == ["default"]
 
 
+# The slowest test (~60 s: three train.py processes, 2 norms x 20 steps):
+# the README's promise that a SIGKILLed job resumes to identical results can
+# only be checked by killing a real process and comparing with a clean run.
 def test_killed_and_restarted_run_equals_an_uninterrupted_one(tmp_path):
   """The default job (fewer steps and norms by flags), SIGKILLed while its
   second part's 'cbn' trains, then restarted with the same command: it
@@ -197,6 +206,9 @@ print("RESULT " + json.dumps(same))
 """
 
 
+# Slow (~25 s: a process with 8 simulated devices, 3 short runs): resume on
+# the paths a single-device MLP run does not take (crops/flips, noise keys,
+# sharded state), the README's claim for real training jobs.
 def test_resume_is_bit_identical_with_augmentation_noise_and_8_devices(
     tmp_path):
   """Digits through the image pipeline with random crop + flip, noisy BN

@@ -206,14 +206,28 @@ _NORM_KWARGS = dict(cbn=dict(window=2, burn_in=1), gn=dict(num_groups=2),
                     ghost=dict(ghost_batch_size=2))
 
 
-# Every model x every norm. Their time is compiling tiny models, so XLA's
-# optimization passes are off for them (conftest.py); the numerics of each
-# norm are tested against references elsewhere.
+# Which (model, norm) pairs train here. Their time is compiling tiny models
+# (15-40 s a pair on 2 shared cores), and what this test adds over the rest of
+# the suite is the training plumbing of a norm (its state in TrainState, the
+# 'noise' key, batch_stats updates, evaluation with running statistics) and of
+# a model (input shapes, eval batches), which do not depend on each other:
+# - every norm trains on the MLP (the cheapest model);
+# - every other model trains with BN, and ResNet-20 with CBN (ConvCBN owns the
+#   kernel and keeps a window of conv-shaped statistics in batch_stats);
+# - every (model, norm) pair is built and traced (init, train-mode forward,
+#   gradient, eval) in tests/test_models.py::test_every_model_every_norm_traced,
+#   and every norm's numerics run on a Dense and a Conv block in
+#   test_models.py::test_every_norm_executes.
+# XLA's optimization passes are off for them (conftest.py); the numerics of
+# each norm are tested against references elsewhere.
 # ('naive_cbn' is the 'cbn' module with rho=0: tests/test_models.py.)
-_CASES = [(m, n) for m in _MODEL_KWARGS for n in config_validation.NORMS
-          if n != "naive_cbn"]
+_CASES = ([("mlp", n) for n in config_validation.NORMS if n != "naive_cbn"] +
+          [(m, "bn") for m in _MODEL_KWARGS if m != "mlp"] +
+          [("resnet20", "cbn")])
 
 
+# Slow (15 cases of ~5-15 s, compiling): worth it as the only check that each
+# norm's state and each model's shapes go through the real train/eval steps.
 @pytest.mark.parametrize("model_name,norm", _CASES)
 def test_every_model_and_norm_trains_a_few_steps(train, digits, model_name,
                                                  norm, unoptimized_compilation):
@@ -280,6 +294,8 @@ def test_evaluation_is_exact_over_the_padded_test_set(train, digits):
   assert got["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
 
 
+# Slow (~10 s): the only run of run_comparison's outputs (tables, plots,
+# TensorBoard, the metrics' step schedule) and that BN learns the digits.
 def test_comparison_learns_and_writes_table_metrics_plots(train, tmp_path):
   config = tiny_config(norms=("none", "bn"), num_train_steps=60,
                        learning_rate=0.5, momentum=0.0, log_every=20,

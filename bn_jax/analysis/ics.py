@@ -31,7 +31,7 @@ Cost: ``k`` gradient evaluations (``k - 1`` mixed points plus the one at
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +79,7 @@ def internal_covariate_shift(
     batch,
     *,
     update_fn: UpdateFn,
-    layers: Optional[Sequence] = None,
+    layers: Sequence,
     method: str = "map",
 ) -> dict[str, jax.Array]:
   """Per-layer ICS (Santurkar et al., Definition 2.1) at one training step.
@@ -92,11 +92,12 @@ def internal_covariate_shift(
     update_fn: ``update_fn(params, grads) -> new_params`` (the optimizer step;
       :func:`sgd_update_fn`, :func:`optax_update_fn`).
     layers: ordered layer names (top-level keys of ``params``) or
-      ``'/'``-joined paths to sub-trees, input to output. Default: every
-      top-level key of ``params``, ordered by where the forward pass first
-      reads it (traced from ``loss_fn``; the dict order is not reliable
-      because jax tree operations sort dict keys). Parameters outside every
-      listed layer are held at :math:`W^t` in the mixed points.
+      ``'/'``-joined paths to sub-trees, input to output, e.g. a bn_jax
+      model's ``model.layer_names()``. Required: the order defines the
+      mixed points, and a params dict cannot give it (jax tree operations
+      rebuild dicts with sorted keys, so after one optimizer step
+      'Dense_10' comes before 'Dense_2'). Parameters outside every listed
+      layer are held at :math:`W^t` in the mixed points.
     method: ``'map'`` (sequential, low memory) or ``'vmap'`` (batched).
 
   Returns:
@@ -115,9 +116,6 @@ def internal_covariate_shift(
                     f"-> new_params, got {update_fn!r}.")
   paths = _trees.ordered_layers(params, layers)
   _trees.check_scalar_loss(loss_fn, params, batch_stats, batch)
-  if layers is None:
-    paths = [paths[i] for i in _trees.data_flow_order(
-        loss_fn, params, batch_stats, batch, paths)]
   names = ["/".join(p) for p in paths]
   num_layers = len(paths)
 

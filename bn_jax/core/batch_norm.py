@@ -32,6 +32,11 @@ Options from "Rethinking 'Batch' in BatchNorm" (Wu & Johnson, 2021):
 Statistics are computed in at least float32 with the shifted one-pass formula
 of :mod:`bn_jax.core.moments`, accurate when ``|mean| >> std``.
 
+Complex inputs (as ``flax.linen.BatchNorm``): ``mu_B`` is complex,
+``sigma_B^2 = E|x - mu_B|^2`` is real, ``y = gamma (x - mu_B) /
+sqrt(sigma_B^2 + eps) + beta``; the running mean becomes complex, the running
+variance stays real.
+
 Gradients: the train-mode transform is a ``jax.custom_jvp`` whose tangent is
 the closed form of the BN paper's backward pass (see
 ``_train_normalize_jvp``). Being linear in the tangents, it is transposed by
@@ -56,7 +61,8 @@ from bn_jax.core.common import (affine, broadcast_mask, check_common,  # noqa: F
                                 check_enough_values, ema_update,
                                 feature_layout, normalize_with,
                                 running_inputs)
-from bn_jax.core.moments import Moments, centered, moments, stats_dtype
+from bn_jax.core.moments import (Moments, centered, moments, real_dtype,
+                                 stats_dtype)
 
 
 class BatchNormState(NamedTuple):
@@ -109,7 +115,7 @@ def batch_statistics(
   With it, they carry a leading group axis and broadcast against ``x``
   reshaped to ``(num_groups, ghost_batch_size) + x.shape[1:]``.
   """
-  validation.check_floating(x)
+  validation.check_floating(x, allow_complex=True)
   feature_axes, reduction_axes, _, _ = feature_layout(x, axis)
   mask = broadcast_mask(mask, x.shape)
   if ghost_batch_size is None:
@@ -170,6 +176,10 @@ def _train_normalize_jvp(cfg: _TrainConfig, primals, tangents):
               - \tfrac12 \gamma r^2 \hat x\, \dot\epsilon,\qquad
      \dot\mu = E[\dot x],\quad \dot{\sigma^2} = 2 E[\hat x \dot x] / r .
 
+  For complex ``x`` (real ``sigma^2``) the products with :math:`\hat x`
+  inside :math:`E` become :math:`\operatorname{Re}(\overline{\hat x}\,
+  \dot x)` (the tangent of :math:`|x - \mu|^2`); :math:`\dot\mu` is complex.
+
   It is linear in the tangents, so JAX transposes it into the compact
   backward pass ``dx = gamma r (g - E[g] - x_hat E[x_hat g])`` instead of
   differentiating through the one-pass sums. Higher derivatives
@@ -203,6 +213,11 @@ def _train_normalize_jvp(cfg: _TrainConfig, primals, tangents):
       s = lax.psum(s, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
     return s / jnp.maximum(m.count, 1.0)
 
+  def real_product(a, b):  # a * b, or Re(conj(a) b) for complex arrays
+    if jnp.iscomplexobj(a) or jnp.iscomplexobj(b):
+      return jnp.real(jnp.conj(a) * b)
+    return a * b
+
   def x_hat_times(v):  # x_hat * v for a per-feature v; see the docstring
     return d * (inv * v) + (-mean_d * inv * v)
 
@@ -215,7 +230,9 @@ def _train_normalize_jvp(cfg: _TrainConfig, primals, tangents):
   dvar = jnp.zeros_like(m.var)
   if nonzero(dx):
     mean_dx = batch_mean(dx)
-    cov_d_dx = batch_mean(d * dx) - mean_d * mean_dx  # = E[(x - mu) dx]
+    # = E[(x - mu) dx] (its real part E[Re(conj(x - mu) dx)] if complex)
+    cov_d_dx = (batch_mean(real_product(d, dx)) -
+                real_product(mean_d, mean_dx))
     dy = mul * dx + (-mul * mean_dx) + x_hat_times(-mul * inv * cov_d_dx)
     dmean = mean_dx
     dvar = 2.0 * cov_d_dx
@@ -254,8 +271,9 @@ def batch_norm(
   """Batch-normalizes ``x``; returns ``(y, new_state)``.
 
   Args:
-    x: floating input, any rank. bf16/f16 inputs keep float32 statistics and
-      return ``y`` in the input dtype.
+    x: floating or complex input, any rank. bf16/f16 inputs keep float32
+      statistics and return ``y`` in the input dtype; complex inputs have a
+      complex mean and a real variance (see the module docstring).
     state: running statistics (``batch_norm_state``), feature-shaped.
     scale: optional gamma, feature-shaped.
     bias: optional beta, feature-shaped.
@@ -310,7 +328,8 @@ def batch_norm_with_moments(
     batches) in train mode, and None in eval mode.
   """
   _, reduction_axes, feature_shape, bshape = check_common(
-      x, state, scale, bias, axis=axis, momentum=momentum, epsilon=epsilon)
+      x, state, scale, bias, axis=axis, momentum=momentum, epsilon=epsilon,
+      allow_complex=True)
   if not train:
     y = normalize_with(x, state.mean, state.var, scale, bias, epsilon=epsilon,
                        broadcast_shape=bshape)
@@ -334,7 +353,7 @@ def batch_norm_with_moments(
   cfg = _TrainConfig(axes, axis_name, _hashable_groups(axis_index_groups))
   y, mean, var, count = _train_normalize(
       xs, per_feature(scale), per_feature(bias), mask,
-      jnp.asarray(epsilon, dtype), cfg)
+      jnp.asarray(epsilon, real_dtype(dtype)), cfg)
   y = y.reshape(x.shape).astype(x.dtype)
   batch = Moments(mean, var, count, mean, jnp.zeros_like(mean))
   mean, var = running_inputs(batch, feature_shape,

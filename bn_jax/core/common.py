@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bn_jax.core import validation
-from bn_jax.core.moments import Moments, stats_dtype
+from bn_jax.core.moments import Moments, real_dtype, stats_dtype
 
 
 class FeatureLayout(NamedTuple):
@@ -106,12 +106,18 @@ def ema_update(state, mean, var, *, momentum):
   """``new = momentum * old + (1 - momentum) * batch``, in the state's dtype.
 
   ``state`` is any NamedTuple with ``mean`` and ``var`` fields; the same type
-  is returned with those two replaced.
+  is returned with those two replaced. A complex batch ``mean`` makes the
+  running mean complex (the state's precision, as flax's update
+  ``momentum * ra_mean + (1 - momentum) * mean`` promotes it); the variance
+  stays real.
   """
   dtype = state.mean.dtype
-  new_mean = momentum * state.mean + (1.0 - momentum) * mean.astype(dtype)
+  mean_dtype = (jnp.promote_types(dtype, mean.dtype) if jnp.iscomplexobj(mean)
+                else dtype)
+  new_mean = momentum * state.mean + (1.0 - momentum) * mean.astype(mean_dtype)
   new_var = momentum * state.var + (1.0 - momentum) * var.astype(dtype)
-  return state._replace(mean=new_mean.astype(dtype), var=new_var.astype(dtype))
+  return state._replace(mean=new_mean.astype(mean_dtype),
+                        var=new_var.astype(dtype))
 
 
 def affine(x_hat, scale, bias, broadcast_shape):
@@ -127,11 +133,16 @@ def normalize_with(x, mean, var, scale, bias, *, epsilon, broadcast_shape):
   """Inference-style affine map with given per-feature mean and variance.
 
   One fused multiply-add per element: ``y = x * a + b`` with
-  ``a = scale / sqrt(var + eps)`` and ``b = bias - mean * a``.
+  ``a = scale / sqrt(var + eps)`` and ``b = bias - mean * a``. For complex
+  ``x`` the variance is real (a complex ``var`` -- flax.nnx promotes the
+  running variance with the input -- enters by its real part).
   """
   dtype = stats_dtype(x.dtype)
   mean = jnp.reshape(mean, broadcast_shape).astype(dtype)
-  inv = lax.rsqrt(jnp.reshape(var, broadcast_shape).astype(dtype) + epsilon)
+  var = jnp.reshape(var, broadcast_shape)
+  if jnp.iscomplexobj(var):
+    var = jnp.real(var)
+  inv = lax.rsqrt(var.astype(real_dtype(dtype)) + epsilon)
   if scale is not None:
     inv = inv * jnp.reshape(scale, broadcast_shape).astype(dtype)
   y = (x.astype(dtype) - mean) * inv
@@ -141,13 +152,15 @@ def normalize_with(x, mean, var, scale, bias, *, epsilon, broadcast_shape):
 
 
 def check_common(x, state, scale, bias, *, axis, momentum, epsilon,
-                 state_fields=("mean", "var")) -> FeatureLayout:
+                 state_fields=("mean", "var"),
+                 allow_complex: bool = False) -> FeatureLayout:
   """Validation shared by the batch-statistics normalizations.
 
   ``state_fields``: the feature-shaped entries of ``state`` (e.g. a step
-  counter is not one); returns ``feature_layout(x, axis)``.
+  counter is not one); ``allow_complex``: complex ``x`` is accepted (batch
+  norm); returns ``feature_layout(x, axis)``.
   """
-  validation.check_floating(x)
+  validation.check_floating(x, allow_complex=allow_complex)
   layout = feature_layout(x, axis)
   if state is not None:
     for field in state_fields:

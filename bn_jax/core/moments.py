@@ -35,6 +35,10 @@ be padding, so the pivot is the masked mean itself (one extra reduction): the
 rounding error as ``E[x - K]``.
 
 Statistics are computed in at least float32 (bf16/f16 inputs are upcast).
+
+Complex inputs (batch norm only, as flax): the mean is complex and the
+variance is the real ``E[|x - mean|^2]``, with the same shifted sums
+``var = E[|d|^2] - |E[d]|^2``; ``|v|^2 = Re(v)^2 + Im(v)^2``.
 """
 from __future__ import annotations
 
@@ -49,8 +53,9 @@ class Moments(NamedTuple):
   """Per-feature statistics of one reduction.
 
   Attributes:
-    mean: E[x] per feature, in ``stats_dtype(x)``.
-    var: biased variance E[(x - mean)^2] per feature.
+    mean: E[x] per feature, in ``stats_dtype(x)`` (complex for complex x).
+    var: biased variance E[|x - mean|^2] per feature, real
+      (``real_dtype(stats_dtype(x))``).
     count: number of samples that entered each feature's statistics
       (a scalar, or per feature when a mask is used), after any ``psum``.
     shift: the pivot K the sums were taken around.
@@ -67,6 +72,18 @@ class Moments(NamedTuple):
 def stats_dtype(dtype) -> jnp.dtype:
   """float32 for half-precision inputs, else the input's own float dtype."""
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def real_dtype(dtype) -> jnp.dtype:
+  """The real dtype of ``dtype``'s components: float32 for complex64."""
+  return jnp.finfo(dtype).dtype
+
+
+def abs_sq(v: jax.Array) -> jax.Array:
+  """``|v|^2`` elementwise, real: ``v * v``, or ``Re(v)^2 + Im(v)^2``."""
+  if jnp.iscomplexobj(v):
+    return lax.square(lax.real(v)) + lax.square(lax.imag(v))
+  return v * v
 
 
 def _pivot(x: jax.Array, reduction_axes: Sequence[int]) -> jax.Array:
@@ -88,7 +105,7 @@ def moments(
   """Mean and biased variance of ``x`` over ``reduction_axes`` (keepdims).
 
   Args:
-    x: floating input; it is upcast to at least float32.
+    x: floating (or complex) input; it is upcast to at least float32.
     reduction_axes: the axes to reduce (non-negative ints).
     mask: optional boolean array broadcastable to ``x``; only True entries
       enter the statistics.
@@ -101,6 +118,7 @@ def moments(
     broadcast against ``x``.
   """
   dtype = stats_dtype(x.dtype)
+  count_dtype = real_dtype(dtype)  # counts and variances are real
   xf = x.astype(dtype)
   axes = tuple(reduction_axes)
 
@@ -111,7 +129,7 @@ def moments(
 
   if mask is not None:
     m = jnp.broadcast_to(mask, x.shape)
-    mf = m.astype(dtype)
+    mf = m.astype(count_dtype)
     count = psum(jnp.sum(mf, axes, keepdims=True))
     safe_count = jnp.maximum(count, 1.0)
     # Corrected two-pass (Chan, Golub & LeVeque): a first masked mean is the
@@ -123,25 +141,25 @@ def moments(
                               safe_count)
     d = jnp.where(m, xf - shift, 0.0)
     sum_d, sum_d2 = psum((jnp.sum(d, axes, keepdims=True),
-                          jnp.sum(d * d, axes, keepdims=True)))
+                          jnp.sum(abs_sq(d), axes, keepdims=True)))
     mean_d = sum_d / safe_count
-    var = jnp.maximum(sum_d2 / safe_count - mean_d * mean_d, 0.0)
+    var = jnp.maximum(sum_d2 / safe_count - abs_sq(mean_d), 0.0)
     return Moments(shift + mean_d, var, count, shift, mean_d)
 
   local_count = 1
   for a in axes:
     local_count *= x.shape[a]
-  count = psum(jnp.asarray(local_count, dtype))
+  count = psum(jnp.asarray(local_count, count_dtype))
   shift = _pivot(xf, axes)
   if axis_name is not None:
     shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
   d = xf - shift
   sum_d = jnp.sum(d, axes, keepdims=True)
-  sum_d2 = jnp.sum(d * d, axes, keepdims=True)
+  sum_d2 = jnp.sum(abs_sq(d), axes, keepdims=True)
   sum_d, sum_d2 = psum((sum_d, sum_d2))  # one collective for both sums
   mean_d = sum_d / count
   # The clamp only removes rounding-level negatives; see the module docstring.
-  var = jnp.maximum(sum_d2 / count - mean_d * mean_d, 0.0)
+  var = jnp.maximum(sum_d2 / count - abs_sq(mean_d), 0.0)
   return Moments(shift + mean_d, var, count, shift, mean_d)
 
 

@@ -31,14 +31,22 @@ def is_static_number(value) -> bool:
 _is_static_number = is_static_number
 
 
-def check_floating(x, name: str = "x") -> None:
-  """Raises TypeError unless ``x`` has a floating-point dtype."""
+def check_floating(x, name: str = "x", *, allow_complex: bool = False) -> None:
+  """Raises TypeError unless ``x`` has a floating-point dtype.
+
+  ``allow_complex``: complex64/complex128 are accepted too (batch norm, whose
+  statistics are defined for complex inputs as in flax).
+  """
   dtype = jnp.result_type(x)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(
-        f"{name} must be a floating-point array (float16/bfloat16/float32/"
-        f"float64), got dtype {dtype}. Cast it first, e.g. "
-        f"{name}.astype(jnp.float32).")
+  if jnp.issubdtype(dtype, jnp.floating) or (
+      allow_complex and jnp.issubdtype(dtype, jnp.complexfloating)):
+    return
+  kinds = "float16/bfloat16/float32/float64"
+  if allow_complex:
+    kinds += "/complex64/complex128"
+  raise TypeError(
+      f"{name} must be a floating-point array ({kinds}), got dtype {dtype}. "
+      f"Cast it first, e.g. {name}.astype(jnp.float32).")
 
 
 def normalize_axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:

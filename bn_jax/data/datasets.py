@@ -42,7 +42,9 @@ class, in scikit-learn's order, the k-th example goes to 'test' when
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
+import importlib.util
 import os
 import pathlib
 import socket
@@ -393,11 +395,33 @@ def _load_local_split(spec: _Spec, files: list[pathlib.Path]
 # scikit-learn digits
 
 
+@functools.lru_cache(maxsize=1)
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits ``(images float64 [1797, 8, 8], target)``, read
+  once per process.
+
+  Parsed from the file ``sklearn.datasets.load_digits`` parses
+  (``sklearn/datasets/data/digits.csv.gz``, ``np.loadtxt`` with ',': the
+  same values) without importing scikit-learn, whose import (SciPy and
+  more) costs seconds; ``load_digits`` itself if the file is not there.
+  """
+  spec = importlib.util.find_spec("sklearn")
+  path = (os.path.join(spec.submodule_search_locations[0], "datasets",
+                       "data", "digits.csv.gz")
+          if spec is not None and spec.submodule_search_locations else "")
+  if not os.path.isfile(path):
+    from sklearn.datasets import load_digits  # lazy: only digits users pay
+    bunch = load_digits()
+    return bunch.images, bunch.target
+  with gzip.open(path, mode="rt", encoding="utf-8") as f:
+    data = np.loadtxt(f, delimiter=",")
+  return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def _digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
-  from sklearn.datasets import load_digits  # lazy: only digits users pay
-  bunch = load_digits()
-  images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  labels = bunch.target.astype(np.int32)
+  digit_images, target = _sklearn_digits()
+  images = np.rint(digit_images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  labels = target.astype(np.int32)
   # Rank of each example within its class, in scikit-learn's order.
   rank = np.empty(labels.shape[0], np.int64)
   for c in np.unique(labels):

@@ -317,7 +317,9 @@ class BatchNorm(_BatchStatsNorm):
   flax, computed by :func:`bn_jax.core.batch_norm` (accurate shifted one-pass
   statistics, so ``use_fast_variance`` is accepted for compatibility and has
   no effect). One difference on purpose: train-mode statistics of one value
-  per feature raise a ValueError (flax normalizes them to 0). Additionally:
+  per feature raise a ValueError (flax normalizes them to 0). Complex inputs
+  as in flax: complex mean, real variance ``E|x - mean|^2``, and the running
+  mean turns complex. Additionally:
 
   Attributes:
     unbiased_running_var: feed Bessel-corrected batch variances to the running

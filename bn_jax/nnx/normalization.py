@@ -30,6 +30,9 @@ Differences from flax.nnx (on purpose):
   (flax normalizes them to 0), as in PyTorch.
 * SyncBN (``axis_name``) weights devices by their sample counts, so
   devices with different numbers of valid (masked) samples are exact.
+* Complex inputs: the running mean becomes complex (as in flax.linen);
+  flax.nnx writes the complex batch mean into its float32 ``mean`` and
+  drops the imaginary part (with a ComplexWarning).
 """
 from __future__ import annotations
 
@@ -223,7 +226,11 @@ class _BatchStatsNorm(nnx.Module):
         mask=mask, **self._core_kwargs(train, call_rngs))
     if train:
       for name, value in zip(fields, new_state):
-        getattr(self, name)[...] = jax.lax.stop_gradient(value)
+        variable, value = getattr(self, name), jax.lax.stop_gradient(value)
+        if value.dtype == variable[...].dtype:
+          variable[...] = value
+        else:  # a complex input's running mean turns complex, as in Linen
+          variable.set_value(value)
       if self._stores_batch_moments:
         record_batch_moments(self, batch_moments_record(
             batch, feature_layout(x, self.axis).feature_shape,

@@ -23,7 +23,14 @@ from typing import Optional
 import warnings
 
 import jax
-import orbax.checkpoint as ocp
+
+
+def _orbax():
+  """``orbax.checkpoint``, imported when first used (~1-2 s: ``train.py``
+  starts the import in a background thread, overlapping data loading and
+  compilation)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -35,6 +42,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3):
     self.directory = os.path.abspath(directory)
+    ocp = _orbax()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -52,7 +60,7 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, args=ocp.args.StandardSave(state))
+    self.manager.save(step, args=_orbax().args.StandardSave(state))
     self.manager.wait_until_finished()
 
   def restore(self, target, step: Optional[int] = None):
@@ -67,7 +75,7 @@ class Checkpointer:
       CheckpointRestoreError: no checkpoint restores (the message names the
         directory, every step tried and the ways out).
     """
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = jax.tree.map(_orbax().utils.to_shape_dtype_struct, target)
     if step is not None:
       return self._restore_step(step, abstract)
     failures = []
@@ -93,7 +101,8 @@ class Checkpointer:
         "a fresh --workdir and keep this one for inspection.")
 
   def _restore_step(self, step: int, abstract):
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    return self.manager.restore(step,
+                                args=_orbax().args.StandardRestore(abstract))
 
   def _move_aside(self, step: int) -> str:
     """Moves checkpoint ``step`` out of the manager's directory."""

@@ -40,6 +40,7 @@ NORMS = models.NORMS
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step", "linear")
 ANALYSES = ("ics", "landscape", "percentiles")
+INPUT_PIPELINES = ("host", "device")
 
 
 def _norm_kwargs_defaults() -> ml_collections.ConfigDict:
@@ -100,6 +101,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.half_precision = False      # bfloat16 activations; f32 params/statistics
   c.data_parallel = False       # shard the batch over all local devices, SyncBN
+  # Train steps per dispatch (one jitted lax.scan over that many steps; equal
+  # to as many single steps): 0 = auto, i.e. up to 100 (never across a
+  # sync, evaluation or checkpoint) on GPU/TPU and, on CPU, for models
+  # without convolutions (mlp, deep_linear); 1 for conv nets on CPU, where
+  # XLA runs convolutions inside a loop ~10-100x slower (loop.Trainer).
+  c.steps_per_dispatch = 0
+  # Where the training batches are made (INPUT_PIPELINES):
+  # 'host': NumPy order and augmentation (bn_jax.data.epoch_batches); without
+  #   augmentation the normalized set stays on the device and only each
+  #   step's example indices travel (the same batches, bit for bit).
+  # 'device': the uint8 set on the device, order and crops/flips drawn in jit
+  #   from (seed, step) (bn_jax.data.batch_at; image datasets, one device):
+  #   the same distribution of batches as 'host', not the same draws.
+  c.input_pipeline = "host"
 
   # Bookkeeping.
   c.log_every = 50              # steps between train-metric lines
@@ -302,6 +317,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if eval_batch_size % shards:
     _fail("eval_batch_size", f"must be divisible by the {shards} local "
           f"devices when config.data_parallel=True", eval_batch_size)
+
+  if _int(config, "steps_per_dispatch", minimum=0) > 1:
+    if config.data_parallel:
+      _fail("steps_per_dispatch", "must be 0 (auto) or 1 when "
+            "config.data_parallel=True", config.steps_per_dispatch)
+    if config.analysis:
+      _fail("steps_per_dispatch", "must be 0 (auto) or 1 with config.analysis "
+            "(the instruments measure the state before a step)",
+            config.steps_per_dispatch)
+  _choice(config, "input_pipeline", INPUT_PIPELINES)
+  if config.input_pipeline == "device":
+    if config.dataset == synthetic_data.NAME:
+      _fail("input_pipeline", "must be 'host' for the synthetic dataset (not "
+            "an image dataset)", config.input_pipeline)
+    if config.data_parallel:
+      _fail("input_pipeline", "must be 'host' when config.data_parallel=True "
+            "(the device pipeline runs on one device)", config.input_pipeline)
+    if config.analysis:
+      _fail("input_pipeline", "must be 'host' with config.analysis (the "
+            "instruments measure on the step's batch of images)",
+            config.input_pipeline)
 
   _int(config, "log_every", minimum=1)
   _int(config, "eval_every", minimum=0)

@@ -5,7 +5,9 @@ r"""The training loop: the one place where training steps are run.
 * :func:`create_state`: optimizer, schedule and :class:`TrainState` of a model
   under a training config.
 * :func:`train_loop`: ``(state, batches) -> state``, one jitted step per
-  dispatch, the host reading the metrics back only at *sync* steps (every
+  dispatch, or ``steps_per_dispatch`` steps in one jitted ``lax.scan``
+  (:func:`step_runner`), the host reading the metrics back only at *sync*
+  steps (every
   ``sync_every`` steps, at ``sync_at`` and at the end: a read-back per step
   would stall the dispatch queue). At a sync it checks every pending loss for
   NaN/inf (training stops at the first non-finite one, named exactly) and
@@ -13,8 +15,9 @@ r"""The training loop: the one place where training steps are run.
   checkpoints); ``before_step`` runs before an update (analysis instruments,
   which measure the state a step starts from).
 * :class:`Trainer`: the same steps over device-resident data, optionally
-  ``steps_per_dispatch`` steps in one jitted ``lax.scan``, equal to as many
-  single steps (tests/test_experiments_bn_santurkar.py). Tiny dense models
+  ``n`` steps in one jitted ``lax.scan`` (:func:`step_runner`), equal to as
+  many single steps (tests/test_experiments_bn_santurkar.py,
+  tests/test_multistep.py). Tiny dense models
   (the BN paper's 3x100 MLP, ~0.1 ms of math per step) are dominated by
   Python dispatch otherwise; XLA:CPU runs convolutions inside a scanned loop
   ~100x slower than in a plain jitted step, so conv nets dispatch one step at
@@ -29,6 +32,7 @@ The step functions themselves are :func:`bn_jax.training.steps.train_step` /
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
@@ -112,6 +116,84 @@ def jitted_precise_bn_state(apply_fn: Callable) -> Callable:
   return precise
 
 
+def step_runner(step_fn: Callable, *, scan: bool,
+                gather: Optional[Callable] = None,
+                donate: bool = False) -> Callable:
+  """``step_fn`` as one jitted dispatch: ``run(state, batch, data)``.
+
+  Args:
+    step_fn: ``(state, batch) -> (state, metrics)``, not jitted (e.g.
+      ``functools.partial(steps.train_step, learning_rate_fn=...)``).
+    scan: False: ``run`` makes one step. True: ``batch`` is stacked along a
+      leading axis of length ``n`` and ``run`` makes the ``n`` steps in one
+      ``lax.scan``; it returns the final state and the ``n`` steps' metrics
+      stacked. The scanned body is the same computation as one step
+      (tests/test_multistep.py compares them).
+    gather: ``gather(data, batch) -> {'image', 'label'}``, the step's batch
+      made inside jit from device-resident ``data`` (:func:`index_gather`,
+      :func:`device_pipeline_gather`); None: ``batch`` is the batch and
+      ``data`` is ignored.
+    donate: donate ``state`` (the caller must not reuse it).
+
+  Returns:
+    The jitted ``run(state, batch, data) -> (state, metrics)``; one
+    compilation per scan length and batch shape.
+  """
+  def one(state, batch, data):
+    if gather is not None:
+      batch = gather(data, batch)
+    return step_fn(state, batch)
+
+  def many(state, batches, data):
+    return jax.lax.scan(lambda s, b: one(s, b, data), state, batches)
+
+  return jax.jit(many if scan else one,
+                 donate_argnums=(0,) if donate else ())
+
+
+def index_gather(data, index):
+  """The batch of example indices ``index`` of ``data = (images, labels)``
+  (:func:`input_pipeline.normalized_arrays`): the host pipeline's batch
+  without augmentation, bit for bit (the same table lookup)."""
+  images, labels = data
+  return {"image": images[index], "label": labels[index]}
+
+
+def device_pipeline_gather(*, batch_size: int, seed: int, augment: bool):
+  """``gather(device_dataset, step)``: the batch of (0-based) ``step`` from
+  :func:`bn_jax.data.batch_at` (order, crops and flips from ``(seed,
+  step)``)."""
+  from bn_jax.data import batch_at
+  return lambda data, step: batch_at(data, step, batch_size=batch_size,
+                                     seed=seed, augment=augment)
+
+
+# Models without convolutions: XLA:CPU runs them inside lax.scan as fast as
+# outside (the slow loop emitter hits convolutions only).
+DENSE_MODELS = ("mlp", "deep_linear")
+# steps_per_dispatch=0 (auto) where scanning pays: at most this many steps
+# per dispatch (a dispatch also ends at every sync, evaluation, checkpoint).
+AUTO_STEPS_PER_DISPATCH = 100
+
+
+def resolve_steps_per_dispatch(config, platform: Optional[str] = None) -> int:
+  """``config.steps_per_dispatch``, its 0 (auto) made concrete.
+
+  Auto: 1 with analysis instruments (they see every step's state) or data
+  parallelism; else :data:`AUTO_STEPS_PER_DISPATCH` on GPU/TPU, and on CPU
+  for :data:`DENSE_MODELS`; 1 for conv nets on CPU (module docstring).
+  ``platform`` defaults to ``jax.default_backend()``.
+  """
+  if config.steps_per_dispatch > 0:
+    return int(config.steps_per_dispatch)
+  if config.analysis or config.data_parallel:
+    return 1
+  platform = jax.default_backend() if platform is None else platform
+  if platform != "cpu" or config.model in DENSE_MODELS:
+    return AUTO_STEPS_PER_DISPATCH
+  return 1
+
+
 def is_due(step: int, every: int, last: int) -> bool:
   """Whether to measure at ``step``: every ``every`` steps and at ``last``."""
   return (every > 0 and step % every == 0) or step == last
@@ -141,19 +223,57 @@ class LoopResult(NamedTuple):
   timed_steps: int
 
 
-def train_loop(step_fn: Callable, state, batches: Iterator[dict], *,
+def _next_sync(step: int, sync_every: int, sync_at: list, end_step: int
+               ) -> int:
+  """The first sync step after ``step``."""
+  candidates = [end_step] + [s for s in sync_at if s > step]
+  if sync_every > 0:
+    candidates.append((step // sync_every + 1) * sync_every)
+  return min(candidates)
+
+
+def _dispatch_length(start_step: int, end_step: int, sync_every: int,
+                     sync_at: list, most: int) -> int:
+  """The largest ``n <= most`` dividing every distance between consecutive
+  sync steps from ``start_step`` to ``end_step``: dispatches of ``n`` steps
+  then end exactly at every sync, and the scan compiles for one length."""
+  gap, step = 0, start_step
+  while step < end_step:
+    following = _next_sync(step, sync_every, sync_at, end_step)
+    gap = math.gcd(gap, following - step)
+    if gap <= 1:
+      return 1
+    step = following
+  return max(d for d in range(1, min(most, max(gap, 1)) + 1)
+             if gap % d == 0) if gap else 1
+
+
+def stack_batches(batches: list):
+  """``n`` batches (dicts of arrays, or index / step arrays) stacked along a
+  new leading axis, on the host (one transfer per dispatch)."""
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                      *batches)
+
+
+def train_loop(step_fn: Optional[Callable], state, batches: Iterator, *,
                end_step: int, start_step: int = 0, sync_every: int = 0,
                sync_at: Iterable[int] = (),
                on_sync: Optional[Callable] = None,
-               before_step: Optional[Callable] = None) -> LoopResult:
-  """Steps ``start_step + 1 .. end_step``, one jitted dispatch each.
+               before_step: Optional[Callable] = None,
+               steps_per_dispatch: int = 1,
+               multi_step_fn: Optional[Callable] = None) -> LoopResult:
+  """Steps ``start_step + 1 .. end_step``, one jitted dispatch each, or
+  ``steps_per_dispatch`` steps per dispatch.
 
   Args:
     step_fn: ``(state, batch) -> (state, metrics)`` (jitted; ``metrics``
       holds scalar ``loss`` and ``accuracy``, optionally ``learning_rate``).
+      Unused (may be None) when ``steps_per_dispatch > 1``.
     state: the state after ``start_step`` steps.
     batches: batches with ``image`` and ``label`` (other keys are dropped),
-      the first one for step ``start_step + 1``.
+      the first one for step ``start_step + 1``; or whatever ``step_fn``
+      takes as its batch (example indices, step numbers: see
+      :func:`step_runner`'s ``gather``).
     end_step: the last step to run.
     start_step: steps already done (a resumed run).
     sync_every, sync_at: the sync steps (see the module docstring); the last
@@ -163,36 +283,76 @@ def train_loop(step_fn: Callable, state, batches: Iterator[dict], *,
       ``train_accuracy``), the last ``learning_rate`` and, when timed,
       ``steps_per_sec``. Its time is not training time.
     before_step: ``before_step(step, state, batch)`` before step ``step``'s
-      update (not timed either).
+      update (not timed either); only with ``steps_per_dispatch=1``.
+    steps_per_dispatch: ``n >= 1``: up to ``n`` steps per dispatch through
+      ``multi_step_fn``; a dispatch never crosses a sync step, so metrics,
+      evaluations, checkpoints and the divergence check happen at the same
+      steps, on the same states, as with one step per dispatch. Every
+      dispatch has the same length (the largest divisor of the gaps between
+      syncs up to ``n``): one compilation.
+    multi_step_fn: ``(state, stacked batches) -> (state, stacked metrics)``
+      (:func:`step_runner` with ``scan=True``), for ``steps_per_dispatch > 1``.
 
   Returns:
-    A :class:`LoopResult`.
+    A :class:`LoopResult`. With ``n > 1``, ``first_step_seconds`` is the
+    first dispatch's time (it compiles) and its steps are not timed.
   """
-  sync_at = set(sync_at)
+  if isinstance(steps_per_dispatch, bool) or not isinstance(
+      steps_per_dispatch, int) or steps_per_dispatch < 1:
+    raise ValueError(f"steps_per_dispatch must be an int >= 1, got "
+                     f"{steps_per_dispatch!r}.")
+  multi = steps_per_dispatch > 1
+  if multi and multi_step_fn is None:
+    raise ValueError("steps_per_dispatch > 1 needs multi_step_fn (a "
+                     "step_runner with scan=True).")
+  if multi and before_step is not None:
+    raise ValueError("before_step needs steps_per_dispatch=1 (it sees the "
+                     "state before every step).")
+  if not multi and step_fn is None:
+    raise ValueError("step_fn is None but steps_per_dispatch=1.")
+  sync_at = sorted(set(sync_at))
+  if multi:
+    steps_per_dispatch = _dispatch_length(start_step, end_step, sync_every,
+                                          sync_at, steps_per_dispatch)
   curve, pending, status, diverged = [], [], "ok", None
   first_step_seconds = train_seconds = 0.0
   timed_steps = window_steps = 0
   window_start = time.perf_counter()
-  for step in range(start_step + 1, end_step + 1):
-    batch = next(batches)
-    batch = {"image": batch["image"], "label": batch["label"]}
-    if before_step is not None:
-      t0 = time.perf_counter()
-      before_step(step, state, batch)
-      window_start += time.perf_counter() - t0
-    state, metrics = step_fn(state, batch)
+  step = start_step
+  while step < end_step:
+    sync = _next_sync(step, sync_every, sync_at, end_step)
+    count = min(steps_per_dispatch, sync - step) if multi else 1
+    chunk = []
+    for _ in range(count):
+      batch = next(batches)
+      if isinstance(batch, dict):
+        batch = {"image": batch["image"], "label": batch["label"]}
+      chunk.append(batch)
+    if multi:
+      state, metrics = multi_step_fn(state, stack_batches(chunk))
+    else:
+      if before_step is not None:
+        t0 = time.perf_counter()
+        before_step(step + 1, state, chunk[0])
+        window_start += time.perf_counter() - t0
+      state, metrics = step_fn(state, chunk[0])
     pending.append(metrics)
-    if step == start_step + 1:
-      # The first step compiles: keep it out of the throughput.
+    first = step == start_step
+    step += count
+    if first:
+      # The first dispatch compiles: keep it out of the throughput.
       jax.block_until_ready(metrics)
       first_step_seconds = time.perf_counter() - window_start
       window_start = time.perf_counter()
     else:
-      window_steps += 1
-    if not is_due(step, sync_every, end_step) and step not in sync_at:
+      window_steps += count
+    if step != sync:
       continue
     host = jax.device_get(pending)
     pending = []
+    # One record per step: a dispatch's metrics are stacked [count].
+    host = ([{k: v[i] for k, v in m.items()} for m in host
+             for i in range(len(m["loss"]))] if multi else host)
     losses = np.asarray([m["loss"] for m in host], np.float64)
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
@@ -277,27 +437,10 @@ class Trainer:
       self._batches = input_pipeline.train_iterator(train_ds, settings)
     step_fn = functools.partial(train_step,
                                 learning_rate_fn=self.learning_rate_fn)
-
-    def body(state, batch):
-      state, metrics = step_fn(state, batch)
-      return state, (metrics["loss"], metrics["accuracy"])
-
-    def index_body(state, images, labels, index):
-      return body(state, {"image": images[index], "label": labels[index]})
-
-    def scanned(state, chunk):
-      return jax.lax.scan(body, state, chunk)
-
-    def index_scanned(state, images, labels, indices):
-      return jax.lax.scan(
-          lambda s, index: index_body(s, images, labels, index), state,
-          indices)
-
     self.scan = bool(scan)
-    self._dispatch = jax.jit(
-        {(True, True): index_scanned, (True, False): scanned,
-         (False, True): index_body, (False, False): body}[
-             (self.scan, self.on_device)])
+    self._dispatch = step_runner(
+        step_fn, scan=self.scan,
+        gather=index_gather if self.on_device else None)
     self._eval_step = jax.jit(eval_step)
     self.train_seconds = 0.0
     self.timed_steps = 0
@@ -312,10 +455,9 @@ class Trainer:
     return {"image": batch["image"], "label": batch["label"]}
 
   def _run(self, state, batch):
-    if self.on_device:
-      return self._dispatch(state, self._images, self._labels,
-                            jnp.asarray(batch))
-    return self._dispatch(state, batch)
+    data = (self._images, self._labels) if self.on_device else None
+    state, metrics = self._dispatch(state, batch, data)
+    return state, (metrics["loss"], metrics["accuracy"])
 
   def train(self, num_steps: int) -> dict:
     """Trains ``num_steps`` steps; returns their mean loss/accuracy and
@@ -323,8 +465,7 @@ class Trainer:
     t0 = time.perf_counter()
     batches = [self._next() for _ in range(num_steps)]
     if self.scan:
-      state, (losses, accs) = self._run(
-          self.state, jax.tree.map(lambda *b: np.stack(b), *batches))
+      state, (losses, accs) = self._run(self.state, stack_batches(batches))
       compiled_for = num_steps  # one compilation per scan length
     else:
       state, metrics = self.state, []
