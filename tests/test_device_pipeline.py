@@ -204,14 +204,21 @@ def test_every_example_once_per_epoch_and_epochs_differ():
   np.testing.assert_array_equal(second, _reference_permutation(1, 1, 50)[:48])
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_batches_equal_host_operations_on_the_same_draws(augment):
+@pytest.mark.parametrize("augment,mirrored", [(False, False), (True, False),
+                                              (True, True)])
+def test_batches_equal_host_operations_on_the_same_draws(augment, mirrored):
   # The host pipeline's NumPy crop_and_flip and normalization table, given the
-  # device's order, offsets and flips, give exactly the device's batch.
+  # device's order, offsets and flips, give exactly the device's batch: with
+  # flips selected after the crop, and with flips sliced from the stored
+  # mirror images.
   ds = _dataset(40, (9, 7, 3), seed=2)
   pad = 3
   # Stored border wider than the crop padding (5 > 3); none when not needed.
-  data = dp.put_on_device(ds, padding=5 if augment else 0)
+  data = dp.put_on_device(ds, padding=5 if augment else 0, mirrored=mirrored)
+  assert data.mirrored == mirrored and data.num_examples == 40
+  assert data.images.shape == ((80 if mirrored else 40),
+                               9 + (10 if augment else 0),
+                               7 + (10 if augment else 0), 3)
   for step in (0, 4, 9):  # 4 batches per epoch: steps in epochs 0, 1, 2
     batch = _batch(data, step, batch_size=10, seed=7, augment=augment,
                    pad=pad, normalize=False)
