@@ -47,7 +47,6 @@ from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from ml_collections import config_flags
 import tqdm
 
@@ -113,16 +112,12 @@ def precise_bn_state(config, state, single_model, train_ds):
   ``config.precise_bn_samples`` training samples (in batches of
   ``config.precise_bn_batch_size``, rounded up to whole batches) of a stream
   other than the training order's
-  (:func:`bn_jax.training.loop.precise_bn_state`)."""
-  batch_size = min(config.precise_bn_batch_size, len(train_ds.images))
-  precise_config = ml_collections.ConfigDict(config.to_dict())
-  precise_config.batch_size = batch_size
-  batches = input_pipeline.train_iterator(
-      train_ds, precise_config, start_step=0,
+  (:func:`bn_jax.training.loop.precise_bn_state_from_dataset`)."""
+  return loop.precise_bn_state_from_dataset(
+      state, single_model.apply, train_ds, config,
+      samples=config.precise_bn_samples,
+      batch_size=config.precise_bn_batch_size,
       seed_offset=1 + int(jax.device_get(state.step)))
-  num_batches = -(-config.precise_bn_samples // batch_size)
-  images = np.stack([next(batches)["image"] for _ in range(num_batches)])
-  return loop.jitted_precise_bn_state(single_model.apply)(state, images)
 
 
 def evaluate_with_statistics(config, step_fns, state, single_model, train_ds,

@@ -227,13 +227,10 @@ def precise_bn_evaluation(config, state, model, eval_step, train_ds, test_ds,
   under the final weights. ``{}`` for a norm without batch statistics."""
   if not jax.tree.leaves(state.batch_stats) or not config.precise_bn_samples:
     return {}
-  batch_size = min(int(config.precise_bn_batch_size), len(train_ds.images))
-  batches = input_pipeline.train_iterator(
-      train_ds, common.library_config(tconfig, batch_size=batch_size),
-      seed_offset=1)
-  num_batches = -(-int(config.precise_bn_samples) // batch_size)
-  images = np.stack([next(batches)["image"] for _ in range(num_batches)])
-  precise = loop.jitted_precise_bn_state(model.apply)(state, images)
+  precise = loop.precise_bn_state_from_dataset(
+      state, model.apply, train_ds, tconfig,
+      samples=config.precise_bn_samples,
+      batch_size=config.precise_bn_batch_size, seed_offset=1)
   metrics = loop.evaluate(eval_step, precise,
                           input_pipeline.eval_iterator(test_ds, tconfig))
   return {f"precise_bn_{k}": v for k, v in metrics.items()}

@@ -101,6 +101,26 @@ def precise_bn_state(state, apply_fn: Callable, batches: Iterator[dict], *,
   return state.replace(batch_stats=batch_stats)
 
 
+def precise_bn_state_from_dataset(state, apply_fn: Callable, train_ds,
+                                  config, *, samples: int, batch_size: int,
+                                  seed_offset: int):
+  """:func:`jitted_precise_bn_state` over ``samples`` training samples of
+  ``train_ds`` (rounded up to whole batches of ``batch_size``, at most the
+  dataset), drawn by :func:`input_pipeline.train_iterator` with ``config``'s
+  seed and augmentation from the stream ``seed_offset`` (> 0: not the
+  training order)."""
+  import ml_collections
+  batch_size = min(int(batch_size), len(train_ds.images))
+  precise_config = ml_collections.ConfigDict(config.to_dict())
+  precise_config.batch_size = batch_size
+  batches = input_pipeline.train_iterator(train_ds, precise_config,
+                                          start_step=0,
+                                          seed_offset=seed_offset)
+  num_batches = -(-int(samples) // batch_size)
+  images = np.stack([next(batches)["image"] for _ in range(num_batches)])
+  return jitted_precise_bn_state(apply_fn)(state, images)
+
+
 @functools.lru_cache(maxsize=16)
 def jitted_precise_bn_state(apply_fn: Callable) -> Callable:
   """:func:`precise_bn_state` as one jitted ``(state, images) -> state``
