@@ -10,7 +10,10 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 # Slow (~30 s: the README's examples compile several modules, op by op as a
 # user runs them): the public API's first contact must keep working.
-def test_readme_python_examples_run():
+def test_readme_python_examples_run(unoptimized_compilation):
+  """The README's Python blocks run as written (op by op: each operation is
+  compiled on its own, without XLA's optimizations, for time; what is
+  checked -- shapes, finiteness, state moved -- does not depend on them)."""
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
   assert len(blocks) >= 2, "README lost its Python examples"
   namespace = {}

@@ -39,15 +39,24 @@ _SMALL_DEFAULT = [
 _TIMING_KEYS = ("examples_per_sec", "train_seconds")
 
 
-def _env(devices=None):
+def _env(devices=None, unoptimized=False):
   """The user's environment with one device (or ``devices`` simulated ones);
-  the other XLA flags the suite runs under (e.g. --xla_cpu_max_isa) stay."""
+  the other XLA flags the suite runs under (e.g. --xla_cpu_max_isa) stay.
+  ``unoptimized``: programs compiled without most XLA optimizations (for
+  time, where runs are compared with runs under the same setting)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  # train.py's default persistent compilation cache lives under
+  # $XDG_CACHE_HOME: point it into this test run's cache (conftest.py), not
+  # the user's ~/.cache, so every run starts cold and leaves nothing behind.
+  if "BN_JAX_TEST_COMPILATION_CACHE" in os.environ:
+    env["XDG_CACHE_HOME"] = os.environ["BN_JAX_TEST_COMPILATION_CACHE"]
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   if devices:
     flags.append(f"--xla_force_host_platform_device_count={devices}")
   env["XLA_FLAGS"] = " ".join(flags)
+  if unoptimized:
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   return env
 
 
@@ -59,9 +68,9 @@ def _run(args, cwd, timeout=300, env=None):
   return result
 
 
-def _start(args, cwd):
+def _start(args, cwd, env=None):
   return subprocess.Popen([sys.executable, TRAIN, *args], cwd=str(cwd),
-                          env=_env(), stdout=subprocess.DEVNULL,
+                          env=env or _env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
 
 
@@ -140,7 +149,10 @@ def test_killed_and_restarted_run_equals_an_uninterrupted_one(tmp_path):
   args = [f"--workdir={interrupted}", *_SMALL_DEFAULT]
   bn_dir, cbn_dir = "bn_paper/bn", "small_batch/cbn"
   cbn_metrics = interrupted / cbn_dir / "metrics.jsonl"
-  process = _start(args, tmp_path)
+  # All three runs compile without XLA's optimizations (for time; the same
+  # programs in each run, so "to the last bit" still holds).
+  env = _env(unoptimized=True)
+  process = _start(args, tmp_path, env=env)
   try:
     _kill_when(process, lambda: any(s >= 10 for s in _logged_steps(
         cbn_metrics)))
@@ -151,11 +163,11 @@ def test_killed_and_restarted_run_equals_an_uninterrupted_one(tmp_path):
   assert not (interrupted / cbn_dir / "summary.json").is_file()  # mid-run
   assert not (interrupted / "results.json").exists()
   bn_checkpoints = sorted(os.listdir(interrupted / bn_dir / "checkpoints"))
-  _run(args, tmp_path)
+  _run(args, tmp_path, env=env)
   # 'bn' was finished: nothing retrained, its checkpoints untouched.
   assert sorted(os.listdir(interrupted / bn_dir / "checkpoints")) == \
       bn_checkpoints
-  _run([f"--workdir={straight}", *_SMALL_DEFAULT], tmp_path)
+  _run([f"--workdir={straight}", *_SMALL_DEFAULT], tmp_path, env=env)
   resumed_rows = _results_without_timings(interrupted)
   assert [(r["part"], r["norm"]) for r in resumed_rows] == [
       ("bn_paper", "bn"), ("small_batch", "cbn")]
@@ -221,7 +233,8 @@ def test_resume_is_bit_identical_with_augmentation_noise_and_8_devices(
   result = subprocess.run(
       [sys.executable, "-c", _RESUME_SCRIPT, TRAIN,
        str(REPO / "configs" / "default.py"), str(tmp_path)],
-      cwd=str(tmp_path), env=_env(devices=8), capture_output=True, text=True,
+      cwd=str(tmp_path), env=_env(devices=8, unoptimized=True),
+      capture_output=True, text=True,
       timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   line = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]

@@ -296,7 +296,8 @@ def test_evaluation_is_exact_over_the_padded_test_set(train, digits):
 
 # Slow (~10 s): the only run of run_comparison's outputs (tables, plots,
 # TensorBoard, the metrics' step schedule) and that BN learns the digits.
-def test_comparison_learns_and_writes_table_metrics_plots(train, tmp_path):
+def test_comparison_learns_and_writes_table_metrics_plots(
+    train, tmp_path, unoptimized_compilation):
   config = tiny_config(norms=("none", "bn"), num_train_steps=60,
                        learning_rate=0.5, momentum=0.0, log_every=20,
                        eval_every=30, checkpoint_every=30, plots=True)
@@ -319,10 +320,12 @@ def test_comparison_learns_and_writes_table_metrics_plots(train, tmp_path):
   assert "| bn |" in table and "| none |" in table
 
 
-def test_resume_is_bit_identical(train, tmp_path):
+def test_resume_is_bit_identical(train, tmp_path, unoptimized_compilation):
   """N steps, stop, resume for N more == 2N uninterrupted: params,
   batch_stats (CBN window included) and opt_state, bit for bit. 24 examples
-  of batch 8 make 3 steps per epoch, so the resume crosses an epoch."""
+  of batch 8 make 3 steps per epoch, so the resume crosses an epoch. (Both
+  runs execute the same programs, compiled without XLA's optimizations for
+  time.)"""
   config = tiny_config(dataset="synthetic_gaussian", norms=("cbn",),
                        num_train_steps=8, schedule="cosine", warmup_steps=2,
                        optimizer="adamw", weight_decay=0.1, log_every=2)
@@ -351,7 +354,8 @@ def test_resume_is_bit_identical(train, tmp_path):
   assert steps == [2, 4, 6, 8]
 
 
-def test_data_parallel_syncbn_matches_one_device(train, tmp_path):
+def test_data_parallel_syncbn_matches_one_device(train, tmp_path,
+                                                unoptimized_compilation):
   """8 simulated devices x 2 examples with SyncBN == 1 device x 16."""
   assert jax.local_device_count() == 8
   losses, finals = {}, {}
@@ -489,7 +493,8 @@ def test_precise_bn_evaluation_uses_population_statistics(train, digits):
   np.testing.assert_allclose(stats["var"], h.var(0), rtol=1e-4, atol=1e-5)
 
 
-def test_analysis_hooks_write_their_metrics(train, tmp_path):
+def test_analysis_hooks_write_their_metrics(train, tmp_path,
+                                            unoptimized_compilation):
   config = tiny_config(num_train_steps=2, analysis=("ics", "landscape",
                                                     "percentiles"),
                        analysis_every=2, save_checkpoints=False)

@@ -124,8 +124,9 @@ out all blocks. We build it from two ``jax.vjp`` pullbacks: the statistics'
 pullback maps the ones cotangent to ``d(sum_c sigma^2_c)/dz`` (elementwise),
 and the layer's pullback w.r.t. ``theta`` maps that to ``theta``-space. Cost:
 the layer's weight-gradient (one conv/matmul of the size of the backward
-pass's weight gradient) plus elementwise work; the forward ``z`` is shared
-with the normalization. The mean's Jacobian is, for ``affine_in_x=True`` (any
+pass's weight gradient; for a convolution on CPU computed tap by tap,
+:func:`bn_jax.core.platform.weight_pullback`) plus elementwise work; the
+forward ``z`` is shared with the normalization. The mean's Jacobian is, for ``affine_in_x=True`` (any
 Dense/Conv: affine in ``x`` and applied sample by sample), taken at the
 batch-averaged input: ``mean_n layer(x_n) = layer(mean_n x_n)``, so the
 Jacobian is exact and costs a weight gradient over one sample instead of the
@@ -460,24 +461,25 @@ def _jacobians(layer_fn, x, z, weight, mean_g, reduction_axes, *,
 
   # Pullback of the statistics (a ones cotangent): d(sum_c sigma^2_c)/dz.
   ct_var, m_local = jax.grad(local_stats, has_aux=True)(z)
-  # Pullback of the layer w.r.t. its weight (its forward is dead code here).
-  _, pull_weight = jax.vjp(lambda w: layer_fn(x, w), weight)
-  dvar, = pull_weight(ct_var)
+  # Pullback of the layer w.r.t. its weight (its forward is dead code here;
+  # a convolution's is computed tap by tap on CPU: platform.weight_pullback).
+  pull_weight = platform.weight_pullback(layer_fn, x, weight)
+  dvar = pull_weight(ct_var)
+
+  def mean_sum_z(zz):
+    return jnp.sum(moments(zz, reduction_axes).mean)
+
   if affine_in_x:
     # mean_n layer(x_n) = layer(mean_n x_n): exact, one sample's worth of work.
     x_bar = jnp.mean(x.astype(stats_dtype(x.dtype)), axis=0,
                      keepdims=True).astype(x.dtype)
-
-    def mean_sum(w):
-      return jnp.sum(moments(layer_fn(x_bar, w), reduction_axes).mean)
-
-    dmean = jax.grad(mean_sum)(weight)
+    z_bar = layer_fn(x_bar, weight)
+    ct_mean = jax.grad(mean_sum_z)(z_bar)
+    dmean = platform.weight_pullback(layer_fn, x_bar, weight)(
+        ct_mean.astype(z_bar.dtype))
   else:
-    def mean_sum_z(zz):
-      return jnp.sum(moments(zz, reduction_axes).mean)
-
     ct_mean = jax.grad(mean_sum_z)(z)
-    dmean, = pull_weight(ct_mean.astype(z.dtype))
+    dmean = pull_weight(ct_mean.astype(z.dtype))
   if axis_name is not None:
     # Count-weighted combination of the devices' Jacobians (exact, see the
     # module docstring), one collective for both.
