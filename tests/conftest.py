@@ -1,13 +1,10 @@
-"""Test set-up: 8 simulated CPU devices (SyncBN / data-parallel tests), one
-persistent XLA compilation cache per test run, and paths to the offline
-datasets in ../shared/data."""
+"""Test set-up: 8 simulated CPU devices (SyncBN / data-parallel tests) and
+paths to the offline datasets in ../shared/data."""
 import contextlib
 import importlib.util
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 
 # Must be set before JAX initialises its backends. Appended to XLA_FLAGS so
 # that the suite can run under other XLA flags (e.g. XLA_FLAGS=
@@ -22,34 +19,6 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_CACHE_ENV = "BN_JAX_TEST_COMPILATION_CACHE"
-
-
-def pytest_configure(config):
-  """One persistent compilation cache for the whole run, shared by the xdist
-  workers (they inherit the controller's environment).
-
-  Many tests build the same programs (the same tiny models and train steps
-  under new closures); JAX's in-memory caches key on the Python function,
-  the persistent cache on the lowered program and the compile options
-  (including ``jax_disable_most_optimizations``), so the second build loads
-  the executable the first compiled: the same executable, hence the same
-  numbers. The directory is new for each run (a cold
-  start every time, nothing carried between runs) and removed at the end.
-  """
-  if not os.environ.get(_CACHE_ENV):
-    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="bn_jax_tests_xla_")
-    config._bn_jax_owns_cache = True
-  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
-  # Only programs that took a while to compile: writing every small eager
-  # operation's executable costs more than compiling it again.
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def pytest_unconfigure(config):
-  if getattr(config, "_bn_jax_owns_cache", False):
-    shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
-
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

@@ -45,11 +45,6 @@ def _env(devices=None, unoptimized=False):
   ``unoptimized``: programs compiled without most XLA optimizations (for
   time, where runs are compared with runs under the same setting)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  # train.py's default persistent compilation cache lives under
-  # $XDG_CACHE_HOME: point it into this test run's cache (conftest.py), not
-  # the user's ~/.cache, so every run starts cold and leaves nothing behind.
-  if "BN_JAX_TEST_COMPILATION_CACHE" in os.environ:
-    env["XDG_CACHE_HOME"] = os.environ["BN_JAX_TEST_COMPILATION_CACHE"]
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   if devices:
