@@ -13,10 +13,14 @@ with the experiment's values). This file holds no training loop.
 The command line of every script is the same::
 
   python experiments/<name>.py [--workdir DIR] [--scale cpu|paper] \
-      [--config.key=value ...]
+      [--seeds 0,1,2] [--config.key=value ...]
 
 ``--scale`` picks ``get_config(scale)`` of the script's config file
 (``configs/exp_<name>.py``); ``--config.key=value`` overrides after that.
+``--seeds`` runs the whole experiment once per seed (``config.seed``) into
+``<workdir>/seed_<s>/`` and writes ``<workdir>/seeds.json`` (every number
+of each run's ``summary``, per seed, with mean, sample standard deviation,
+min and max over the seeds) and ``seeds.md`` (the scalar ones as a table).
 """
 from __future__ import annotations
 
@@ -80,6 +84,10 @@ def define_flags(name: str, config_file: str):
   flags.DEFINE_enum("scale", "cpu", list(SCALES),
                     "cpu: the reduced CPU setting; paper: the paper's scale "
                     "(meant for an accelerator).")
+  flags.DEFINE_list("seeds", [], "Run the experiment once per seed "
+                    "(config.seed) into <workdir>/seed_<s> and summarize "
+                    "over the seeds in <workdir>/seeds.json and seeds.md; "
+                    "empty: one run with config.seed.")
   config_flags.DEFINE_config_file(
       "config", f"{config_file}:{scale_from_argv(sys.argv)}",
       "Experiment config; override fields with --config.<key>=<value>.",
@@ -107,9 +115,81 @@ def run_script(name: str, config_name: str,
     if config.scale != flags.scale:
       raise app.UsageError(f"--scale={flags.scale} but the config was built "
                            f"for scale {config.scale!r}.")
-    experiment(config, flags.workdir)
+    if not flags.seeds:
+      experiment(config, flags.workdir)
+      return
+    if "seeds" in config:
+      raise app.UsageError(f"{name} runs its own seeds (config.seeds); set "
+                           "--config.seeds instead of --seeds.")
+    try:
+      seeds = [int(s) for s in flags.seeds]
+    except ValueError:
+      raise app.UsageError(f"--seeds must be integers, got {flags.seeds}")
+    runs = {}
+    for seed in seeds:
+      config.seed = seed
+      runs[seed] = experiment(config, os.path.join(flags.workdir,
+                                                   f"seed_{seed}"))
+    write_seed_summary(flags.workdir, name, {
+        s: r.get("summary", r) for s, r in runs.items()})
 
   app.run(main)
+
+
+def _numeric_leaves(tree, prefix=""):
+  """``{path: number}`` for every int/float leaf of nested dicts/lists
+  (list items by index), bools and strings skipped."""
+  if isinstance(tree, dict):
+    items = tree.items()
+  elif isinstance(tree, (list, tuple)):
+    items = enumerate(tree)
+  else:
+    if isinstance(tree, (int, float, np.number)) and not isinstance(
+        tree, (bool, np.bool_)):
+      return {prefix: float(tree)}
+    return {}
+  out = {}
+  for key, value in items:
+    out.update(_numeric_leaves(value, f"{prefix}/{key}" if prefix
+                               else str(key)))
+  return out
+
+
+def write_seed_summary(workdir: str, name: str,
+                       summaries: dict[int, dict]) -> dict:
+  """``seeds.json`` and ``seeds.md`` in `workdir` from each seed's summary:
+  per path, the values per seed, mean, sample std (ddof=1; 0 for one
+  seed), min and max. Paths missing from some seed are listed with the seeds
+  that have them."""
+  seeds = sorted(summaries)
+  leaves = {s: _numeric_leaves(summaries[s]) for s in seeds}
+  paths = sorted(set().union(*leaves.values()))
+  stats = {}
+  for path in paths:
+    have = [s for s in seeds if path in leaves[s]]
+    values = np.array([leaves[s][path] for s in have])
+    stats[path] = {
+        "seeds": have, "values": values.tolist(),
+        "mean": float(values.mean()),
+        "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        "min": float(values.min()), "max": float(values.max())}
+  out = {"experiment": name, "seeds": seeds, "stats": stats}
+  write_json(os.path.join(workdir, "seeds.json"), out)
+  lines = [f"# {name}: {len(seeds)} seeds ({', '.join(map(str, seeds))})",
+           "", "Every scalar of the runs' summaries (list items are in "
+           "seeds.json). std: sample standard deviation over the seeds.", "",
+           "| quantity | mean | std | min | max | per seed |",
+           "|---|---|---|---|---|---|"]
+  for path, st in stats.items():
+    if any(part.isdigit() for part in path.split("/")):
+      continue
+    lines.append(f"| {path} | {st['mean']:.4g} | {st['std']:.2g} | "
+                 f"{st['min']:.4g} | {st['max']:.4g} | "
+                 f"{', '.join(f'{v:.4g}' for v in st['values'])} |")
+  with open(os.path.join(workdir, "seeds.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  log(f"wrote {os.path.abspath(os.path.join(workdir, 'seeds.md'))}")
+  return out
 
 
 # ---------------------------------------------------------------------------

@@ -298,3 +298,32 @@ def test_santurkar_vgg_and_lp_smoke(tmp_path):
   # (Jensen: E[z^4] >= E[z^2]^2), with equality only for two points.
   kurtosis = out["summary"]["l_inf"]["final_mean_excess_kurtosis"]
   assert math.isfinite(kurtosis) and kurtosis >= -2.0
+
+
+def test_seed_summary_statistics_match_numpy(tmp_path):
+  """``--seeds``: every numeric leaf of the per-seed summaries gets its
+  values, mean, sample std (ddof=1), min and max; strings/bools skipped;
+  a path missing from one seed is summarized over the seeds that have it."""
+  summaries = {
+      0: {"A": {"acc": 0.5, "status": "ok", "curve": [1.0, 2.0]},
+          "flag": True},
+      1: {"A": {"acc": 0.7, "status": "ok", "curve": [3.0, 5.0]},
+          "flag": False},
+      2: {"A": {"acc": 0.9, "status": "diverged", "curve": [2.0, 8.0],
+                "extra": 4}, "flag": True},
+  }
+  out = common.write_seed_summary(str(tmp_path), "toy", summaries)
+  stats = out["stats"]
+  assert set(stats) == {"A/acc", "A/curve/0", "A/curve/1", "A/extra"}
+  acc = np.array([0.5, 0.7, 0.9])
+  assert stats["A/acc"]["values"] == pytest.approx(acc.tolist())
+  assert stats["A/acc"]["mean"] == pytest.approx(0.7)
+  assert stats["A/acc"]["std"] == pytest.approx(np.sqrt(
+      ((acc - 0.7) ** 2).sum() / 2))
+  assert (stats["A/curve/1"]["min"], stats["A/curve/1"]["max"]) == (2.0, 8.0)
+  assert stats["A/extra"]["seeds"] == [2] and stats["A/extra"]["std"] == 0.0
+  written = json.load(open(tmp_path / "seeds.json"))
+  assert written["seeds"] == [0, 1, 2]
+  md = (tmp_path / "seeds.md").read_text()
+  assert "| A/acc | 0.7 | 0.2 | 0.5 | 0.9 | 0.5, 0.7, 0.9 |" in md
+  assert "curve" not in md  # list items only in seeds.json
