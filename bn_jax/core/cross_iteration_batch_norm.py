@@ -126,11 +126,11 @@ and the layer's pullback w.r.t. ``theta`` maps that to ``theta``-space. Cost:
 the layer's weight-gradient (one conv/matmul of the size of the backward
 pass's weight gradient; for a convolution on CPU computed tap by tap,
 :func:`bn_jax.core.platform.weight_pullback`) plus elementwise work; the
-forward ``z`` is shared with the normalization. The mean's Jacobian is, for ``affine_in_x=True`` (any
-Dense/Conv: affine in ``x`` and applied sample by sample), taken at the
-batch-averaged input: ``mean_n layer(x_n) = layer(mean_n x_n)``, so the
-Jacobian is exact and costs a weight gradient over one sample instead of the
-batch.
+forward ``z`` is shared with the normalization. The mean's Jacobian is, for
+``affine_in_x=True`` (any Dense/Conv: affine in ``x`` and applied sample by
+sample), taken at the batch-averaged input: ``mean_n layer(x_n) =
+layer(mean_n x_n)``, so the Jacobian is exact and costs a weight gradient
+over one sample instead of the batch.
 
 Window storage: fixed-size stacked arrays (leading axis ``k - 1``) used as a
 ring buffer with a count of valid entries, so a jitted train step never

@@ -120,10 +120,11 @@ def weight_pullback(layer_fn: Callable[[jax.Array, jax.Array], jax.Array],
   cotangent ``(N * out_positions, C_out)``. XLA:CPU emits the weight gradient
   as a convolution whose "kernel" is the whole output cotangent, a
   contraction Eigen runs far below peak (a 32x32x16 -> 16 3x3 layer at batch
-  32: ~12 ms against ~7.5 ms tap by tap; batch 128: ~270 ms against ~65 ms on
-  the 2-core CPU of benchmarks/RESULTS.md). Other platforms, and any other
-  layer, use XLA's own transpose (``lax.platform_dependent``, resolved at
-  lowering: the CPU program holds no conditional).
+  32: ~12.5 ms against ~8.6 ms tap by tap; batch 128: ~295 ms against ~75 ms
+  on the 2-core CPU of benchmarks/RESULTS.md, bench_weight_gradient). Other
+  platforms, and any other layer, use XLA's own transpose
+  (``lax.platform_dependent``, resolved at lowering: the CPU program holds no
+  conditional).
   """
   _, xla_pull = jax.vjp(lambda w: layer_fn(x, w), weight)
 
