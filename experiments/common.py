@@ -176,11 +176,14 @@ def write_seed_summary(workdir: str, name: str,
   out = {"experiment": name, "seeds": seeds, "stats": stats}
   write_json(os.path.join(workdir, "seeds.json"), out)
   lines = [f"# {name}: {len(seeds)} seeds ({', '.join(map(str, seeds))})",
-           "", "Every scalar of the runs' summaries (list items are in "
-           "seeds.json). std: sample standard deviation over the seeds.", "",
+           "", "Every scalar of the runs' summaries whose path has no "
+           "numeric part (list items and numeric keys such as "
+           "accuracy_at/<step> are in seeds.json only). std: sample "
+           "standard deviation over the seeds.", "",
            "| quantity | mean | std | min | max | per seed |",
            "|---|---|---|---|---|---|"]
   for path, st in stats.items():
+    # List indices and numeric keys: curves, too long for the table.
     if any(part.isdigit() for part in path.split("/")):
       continue
     lines.append(f"| {path} | {st['mean']:.4g} | {st['std']:.2g} | "
