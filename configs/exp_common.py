@@ -50,7 +50,7 @@ def santurkar_config(scale: str, **fields) -> ml_collections.ConfigDict:
 
 
 def santurkar_vgg_config(scale: str, **fields) -> ml_collections.ConfigDict:
-  """The CIFAR-10 VGG recipe of exp_santurkar_vgg and exp_santurkar_lp (see
+  """The CIFAR-10 VGG recipe of exp_santurkar_{vgg,lp,noise} (see
   exp_santurkar_vgg's docstring for the choices).
 
   cpu: VGG-11 at an eighth of the width on a fixed random 10,000-image

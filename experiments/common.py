@@ -2,7 +2,7 @@
 cached runs, results files and plots.
 
 Used by ``experiments/bn_mnist.py``, ``bn_learning_rates.py``,
-``santurkar_{vgg,dln,lp}.py``, ``cbn_small_batch.py`` and
+``santurkar_{vgg,dln,lp,noise}.py``, ``cbn_small_batch.py`` and
 ``rethinking_batch.py``. Training is the library's:
 ``bn_jax.training.loop`` (``create_state``, ``train_loop``, ``Trainer``,
 ``evaluate``), its data helpers in
@@ -21,9 +21,18 @@ The command line of every script is the same::
 ``<workdir>/seed_<s>/`` and writes ``<workdir>/seeds.json`` (every number
 of each run's ``summary``, per seed, with mean, sample standard deviation,
 min and max over the seeds) and ``seeds.md`` (the scalar ones as a table).
+A seed whose ``results.json`` is already there with the same config is read
+back, not rerun (an interrupted run resumes; delete the folder to rerun).
+
+``--sweep key=v1,v2,...`` (a config field, values as Python literals)
+repeats that for every value into ``<workdir>/<key>_<value>/`` and writes
+``<workdir>/sweep.json`` (each value's seed statistics), ``sweep.md``
+(mean +- std per value) and ``sweep.png`` (the quantities the script names,
+against the swept value).
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
@@ -88,6 +97,10 @@ def define_flags(name: str, config_file: str):
                     "(config.seed) into <workdir>/seed_<s> and summarize "
                     "over the seeds in <workdir>/seeds.json and seeds.md; "
                     "empty: one run with config.seed.")
+  flags.DEFINE_string("sweep", "", "key=v1,v2,...: run the experiment (with "
+                      "--seeds) once per value of config field `key` into "
+                      "<workdir>/<key>_<value> and compare the values in "
+                      "<workdir>/sweep.json, sweep.md and sweep.png.")
   config_flags.DEFINE_config_file(
       "config", f"{config_file}:{scale_from_argv(sys.argv)}",
       "Experiment config; override fields with --config.<key>=<value>.",
@@ -96,7 +109,11 @@ def define_flags(name: str, config_file: str):
 
 
 def run_script(name: str, config_name: str,
-               experiment: Callable[..., dict]) -> None:
+               experiment: Callable[..., dict], *,
+               sweep_quantities: Iterable[str] = ("final_test_accuracy",),
+               resummarize: Optional[Callable[[dict], dict]] = None,
+               plot_seeds: Optional[Callable[[dict, str], str]] = None
+               ) -> None:
   """The ``__main__`` of a script: flags, then ``experiment(config, workdir)``.
 
   Args:
@@ -104,6 +121,12 @@ def run_script(name: str, config_name: str,
       ``./workdir/experiments/<name>``).
     config_name: its config file under ``configs/``.
     experiment: ``(config, workdir) -> results``.
+    sweep_quantities: summary paths below each run label (``<label>/<path>``)
+      that ``--sweep`` plots against the swept value.
+    resummarize: ``results -> summary`` for a seed read back from its
+      ``results.json`` (so its summary is this code's); None: the saved one.
+    plot_seeds: ``(seeds.json contents, workdir) -> path``: a figure over
+      the seeds, drawn after ``seeds.json`` is written.
   """
   from absl import app
   flags = define_flags(name, config_path(config_name))
@@ -115,25 +138,186 @@ def run_script(name: str, config_name: str,
     if config.scale != flags.scale:
       raise app.UsageError(f"--scale={flags.scale} but the config was built "
                            f"for scale {config.scale!r}.")
-    if not flags.seeds:
+    if not flags.seeds and not flags.sweep:
       experiment(config, flags.workdir)
       return
     if "seeds" in config:
       raise app.UsageError(f"{name} runs its own seeds (config.seeds); set "
-                           "--config.seeds instead of --seeds.")
+                           "--config.seeds instead of --seeds/--sweep.")
     try:
-      seeds = [int(s) for s in flags.seeds]
+      seeds = [int(s) for s in flags.seeds] or [int(config.seed)]
     except ValueError:
       raise app.UsageError(f"--seeds must be integers, got {flags.seeds}")
-    runs = {}
-    for seed in seeds:
-      config.seed = seed
-      runs[seed] = experiment(config, os.path.join(flags.workdir,
-                                                   f"seed_{seed}"))
-    write_seed_summary(flags.workdir, name, {
-        s: r.get("summary", r) for s, r in runs.items()})
+    if not flags.sweep:
+      run_seeds(experiment, config, flags.workdir, seeds, name,
+                resummarize, plot_seeds)
+      return
+    try:
+      key, values = parse_sweep(flags.sweep, config)
+    except ValueError as e:
+      raise app.UsageError(str(e))
+    run_sweep(experiment, config, flags.workdir, key, values, seeds, name,
+              sweep_quantities, resummarize, plot_seeds)
 
   app.run(main)
+
+
+def run_sweep(experiment: Callable[..., dict], config, workdir: str,
+              key: str, values: list, seeds: list[int], name: str,
+              quantities: Iterable[str], resummarize=None,
+              plot_seeds=None) -> dict:
+  """:func:`run_seeds` for every value of config field ``key`` (into
+  ``<workdir>/<key>_<value>``), then :func:`write_sweep_summary`."""
+  stats = {}
+  for value in values:
+    set_field(config, key, value)
+    stats[value] = run_seeds(experiment, config, os.path.join(
+        workdir, sweep_dirname(key, value)), seeds, name, resummarize,
+        plot_seeds)["stats"]
+  return write_sweep_summary(workdir, name, key, values, stats, quantities)
+
+
+def run_seeds(experiment: Callable[..., dict], config, workdir: str,
+              seeds: list[int], name: str,
+              resummarize: Optional[Callable[[dict], dict]] = None,
+              plot_seeds: Optional[Callable[[dict, str], str]] = None
+              ) -> dict:
+  """``experiment`` once per seed into ``<workdir>/seed_<s>``, then
+  :func:`write_seed_summary`. A seed folder whose ``results.json`` was
+  written with this very config is read back instead of rerun (its summary
+  recomputed by ``resummarize`` when given)."""
+  summaries = {}
+  for seed in seeds:
+    config.seed = seed
+    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    results = previous_results(seed_dir, config)
+    if results is None:
+      results = experiment(config, seed_dir)
+    else:
+      log(f"[seed {seed}] done before: reading {seed_dir}/results.json "
+          "(delete the folder to rerun)")
+      if resummarize is not None:
+        results["summary"] = resummarize(results)
+    summaries[seed] = results.get("summary", results)
+  out = write_seed_summary(workdir, name, summaries)
+  if plot_seeds is not None:
+    plot_seeds(out, workdir)
+  return out
+
+
+def previous_results(workdir: str, config) -> Optional[dict]:
+  """``<workdir>/results.json`` if it holds ``config`` (as written), else
+  None."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    old = json.load(f)
+  same = old.get("config") == _jsonable(json.loads(config.to_json_best_effort()),
+                                        7)
+  return old if same else None
+
+
+def parse_sweep(text: str, config) -> tuple[str, list]:
+  """``'key=v1,v2,...'`` -> ``(key, [v1, v2, ...])``: values are Python
+  literals (``0.01,0.02``; ``(0, 0.1),(0, 0.5)``; ``'a','b'``), or bare
+  words taken as strings. ``key`` (dotted for nested fields) must be in
+  ``config``."""
+  key, sep, rest = text.partition("=")
+  key = key.strip()
+  if not sep or not key or not rest.strip():
+    raise ValueError(f"--sweep must be key=v1,v2,..., got {text!r}.")
+  get_field(config, key)  # raises for an unknown key
+  try:
+    values = ast.literal_eval(f"[{rest}]")
+  except (ValueError, SyntaxError):
+    values = [v.strip() for v in rest.split(",")]
+  if not values or len(set(map(repr, values))) != len(values):
+    raise ValueError(f"--sweep needs distinct values, got {rest!r}.")
+  return key, values
+
+
+def get_field(config, key: str):
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      raise ValueError(f"--sweep: {key!r} is not a config field.")
+    node = node[part]
+  return node
+
+
+def set_field(config, key: str, value) -> None:
+  *parents, last = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[last] = value
+
+
+def sweep_dirname(key: str, value) -> str:
+  """``learning_rate_0.01``: the folder of one swept value."""
+  text = value if isinstance(value, str) else repr(value)
+  return f"{key}_" + re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+
+
+def write_sweep_summary(workdir: str, name: str, key: str, values: list,
+                        stats: dict, quantities: Iterable[str]) -> dict:
+  """``sweep.json`` (per value: the seed statistics of
+  :func:`write_seed_summary`), ``sweep.md`` (per scalar path, mean +- std
+  per value) and ``sweep.png`` (each of ``quantities`` -- a path below the
+  run label -- against the value, one line per label, error bars = std)."""
+  out = {"experiment": name, "key": key, "values": values,
+         "stats": {repr(v): stats[v] for v in values}}
+  write_json(os.path.join(workdir, "sweep.json"), out)
+  paths = sorted(set().union(*(stats[v] for v in values)))
+  lines = [f"# {name}: sweep of {key}", "",
+           "mean +- sample std over the seeds (per-seed values in "
+           "sweep.json and each value's seeds.json).", "",
+           "| quantity | " + " | ".join(f"{key}={v!r}" for v in values) + " |",
+           "|---|" + "---|" * len(values)]
+  for path in paths:
+    if any(part.isdigit() for part in path.split("/")):
+      continue
+    cells = [(f"{stats[v][path]['mean']:.4g} +- {stats[v][path]['std']:.2g}"
+              if path in stats[v] else "-") for v in values]
+    lines.append(f"| {path} | " + " | ".join(cells) + " |")
+  with open(os.path.join(workdir, "sweep.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  plot_sweep(out, list(quantities), os.path.join(workdir, "sweep.png"))
+  log(f"wrote {os.path.abspath(os.path.join(workdir, 'sweep.md'))}")
+  return out
+
+
+def plot_sweep(sweep: dict, quantities: list[str], path: str) -> str:
+  """One panel per quantity: mean +- std against the swept value, one line
+  per run label (log x when the values are positive numbers spanning more
+  than 3x; categorical x otherwise)."""
+  values = sweep["values"]
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                for v in values)
+  x = np.asarray(values, float) if numeric else np.arange(len(values))
+  fig, axes = figure(max(len(quantities), 1), width=3.8)
+  for ax, quantity in zip(axes[0], quantities):
+    labels = sorted({p[:-len(quantity) - 1] for st in sweep["stats"].values()
+                     for p in st if p.endswith("/" + quantity)})
+    for label in labels:
+      rows = [sweep["stats"][repr(v)].get(f"{label}/{quantity}")
+              for v in values]
+      have = [i for i, r in enumerate(rows) if r is not None]
+      ax.errorbar(x[have], [rows[i]["mean"] for i in have],
+                  yerr=[rows[i]["std"] for i in have], marker="o",
+                  capsize=3, label=label)
+    if numeric and x.min() > 0 and x.max() > 3 * x.min():
+      ax.set_xscale("log")
+    if not numeric:
+      ax.set_xticks(x, [str(v) for v in values], rotation=30, fontsize=7)
+    ax.set_title(quantity, fontsize=9)
+    ax.set_xlabel(sweep["key"])
+    ax.grid(alpha=0.3)
+  if quantities and axes[0, 0].get_legend_handles_labels()[0]:
+    axes[0, 0].legend(fontsize=7)
+  fig.suptitle(f"{sweep['experiment']}: mean +- std over seeds")
+  return save(fig, path)
 
 
 def _numeric_leaves(tree, prefix=""):

@@ -1,6 +1,7 @@
 r"""Experiment 3b: Santurkar et al. (2018), ICS of a deep linear network.
 
   python experiments/santurkar_dln.py [--workdir DIR] [--scale cpu|paper] \
+      [--seeds 0,1,2] [--sweep learning_rate=0.001,0.002,0.005,0.01] \
       [--config.key=value ...]
 
 A deep linear network with and without BN on synthetic Gaussian data
@@ -28,16 +29,26 @@ import santurkar_vgg as sv  # noqa: E402
 LABELS = {"none": "DLN", "bn": "DLN + BN"}
 
 
+def summarize(runs: dict, learning_rate: float) -> dict:
+  """Per run label: accuracy, ICS and landscape summaries."""
+  return {label: sv.run_summary(
+      r, ics=sv.ics_summary(r["records"]),
+      ics_after_init=sv.ics_after_init(sv.ics_summary(r["records"])),
+      landscape=sv.landscape_summary(r["records"], learning_rate))
+      for label, r in runs.items()}
+
+
+def resummarize(results: dict) -> dict:
+  return summarize(results["runs"], results["config"]["learning_rate"])
+
+
 def run_experiment(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   _, runs = sv.measure_variants(
       config, [sv.Variant(LABELS.get(norm, norm), norm, ics=True,
                           landscape=True) for norm in config.norms],
       dataset="synthetic_gaussian", model_name="deep_linear")
-  summary = {label: sv.run_summary(
-      r, ics=sv.ics_summary(r["records"]),
-      landscape=sv.landscape_summary(r["records"]))
-      for label, r in runs.items()}
+  summary = summarize(runs, config.learning_rate)
   out = {"experiment": "santurkar_dln", "config": common.to_dict(config),
          "summary": summary, "runs": runs}
   title = (f"deep linear net, depth {config.model_kwargs.depth}, width "
@@ -57,4 +68,6 @@ def run_experiment(config, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_script("santurkar_dln", "exp_santurkar_dln.py", run_experiment)
+  common.run_script("santurkar_dln", "exp_santurkar_dln.py", run_experiment,
+                    sweep_quantities=sv.SWEEP_QUANTITIES,
+                    resummarize=resummarize)

@@ -22,8 +22,9 @@ training batch:
   (for ``config.landscape_norms``).
 
 Writes ``results.json`` and ``accuracy.png``, ``stability.png``, ``ics.png``,
-``landscape.png`` into ``--workdir``. ``santurkar_dln.py`` and
-``santurkar_lp.py`` reuse :func:`measure_variants`, the summaries and plots.
+``landscape.png`` into ``--workdir``. ``santurkar_dln.py``,
+``santurkar_lp.py`` and ``santurkar_noise.py`` reuse :func:`measure_variants`,
+the summaries and plots.
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ import common  # noqa: E402
 from bn_jax import analysis  # noqa: E402
 from bn_jax.models import create_model  # noqa: E402
 from bn_jax.training import input_pipeline, loop  # noqa: E402
+
+# What --sweep plots (e.g. --sweep learning_rate=0.05,0.01), per run.
+SWEEP_QUANTITIES = ("ics_after_init/mean_relative_l2_diff",
+                    "ics_after_init/mean_cosine",
+                    "landscape/mean_after_init/lr_times_beta_smoothness",
+                    "final_test_accuracy")
 
 LABELS = {"none": "Standard", "bn": "Standard + BN", "noisy_bn": "BN + noise",
           "lp": "l_p"}
@@ -250,7 +257,22 @@ def ics_summary(records: list[dict]) -> dict:
   return out
 
 
-def landscape_summary(records: list[dict]) -> dict:
+def ics_after_init(ics: list[dict]) -> dict:
+  """The :func:`ics_summary` entries averaged over the measurement points
+  after step 0 (training, not initialization); empty without ICS."""
+  later = [x for x in ics if x["step"] > 0] or ics
+  if not later:
+    return {}
+  return {k: float(np.mean([x[k] for x in later])) for k in (
+      "mean_l2_diff", "mean_relative_l2_diff", "mean_cosine", "min_cosine")}
+
+
+def landscape_summary(records: list[dict],
+                      learning_rate: float | None = None) -> dict:
+  """The landscape probes per measurement point and their mean after step
+  0; with ``learning_rate``, also ``lr_times_beta_smoothness`` of that mean
+  (gradient descent on a beta-smooth function is stable for lr x beta < 2,
+  so values near 2 mean the run sits at the edge of stability)."""
   keys = ("loss_range", "grad_diff_max", "grad_diff_range", "beta_smoothness",
           "grad_norm")
   rows = [r for r in records if "landscape/loss_range" in r]
@@ -262,6 +284,9 @@ def landscape_summary(records: list[dict]) -> dict:
   later = [i for i, r in enumerate(rows) if r["step"] > 0] or [0]
   out["mean_after_init"] = {k: float(np.mean([out[k][i] for i in later]))
                             for k in keys}
+  if learning_rate is not None:
+    out["mean_after_init"]["lr_times_beta_smoothness"] = (
+        learning_rate * out["mean_after_init"]["beta_smoothness"])
   return out
 
 
@@ -382,15 +407,27 @@ def variants(config) -> list[Variant]:
           for norm in config.norms]
 
 
+def summarize(runs: dict, learning_rate: float) -> dict:
+  """Per run label: accuracy, ICS, landscape and stability summaries."""
+  return {label: run_summary(
+      r, ics=ics_summary(r["records"]),
+      ics_after_init=ics_after_init(ics_summary(r["records"])),
+      landscape=landscape_summary(r["records"], learning_rate),
+      stability=stability_summary(r),
+      seconds_per_step=r["seconds_per_step"]) for label, r in runs.items()}
+
+
+def resummarize(results: dict) -> dict:
+  """:func:`summarize` of a saved ``results.json`` (``--seeds`` reading a
+  finished seed back with this code's summaries)."""
+  return summarize(results["runs"], results["config"]["learning_rate"])
+
+
 def run_experiment(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   data, runs = measure_variants(config, variants(config),
                                 dataset=config.dataset, model_name="vgg")
-  summary = {label: run_summary(
-      r, ics=ics_summary(r["records"]),
-      landscape=landscape_summary(r["records"]),
-      stability=stability_summary(r),
-      seconds_per_step=r["seconds_per_step"]) for label, r in runs.items()}
+  summary = summarize(runs, config.learning_rate)
   out = {"experiment": "santurkar_vgg", "config": common.to_dict(config),
          "summary": summary, "runs": runs}
   scale = (f"{config.model_kwargs.variant} x{config.model_kwargs.width_multiplier}"
@@ -411,4 +448,6 @@ def run_experiment(config, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_script("santurkar_vgg", "exp_santurkar_vgg.py", run_experiment)
+  common.run_script("santurkar_vgg", "exp_santurkar_vgg.py", run_experiment,
+                    sweep_quantities=SWEEP_QUANTITIES,
+                    resummarize=resummarize)

@@ -300,6 +300,46 @@ def test_santurkar_vgg_and_lp_smoke(tmp_path):
   assert math.isfinite(kurtosis) and kurtosis >= -2.0
 
 
+def test_santurkar_noise_smoke(tmp_path):
+  import ml_collections
+  import santurkar_noise
+  # Known case: noisy BN with zero noise (additive m = s = 0) is BN, step
+  # for step, so its accuracy and every drift equal BN's run exactly. (A
+  # setting that did not reach the layer would leave the default noise on,
+  # m ~ U(-1, 1), and differ.)
+  setting = lambda form, m, s: dict(noise_form=form, noise_mean_range=m,
+                                    noise_std_range=s)
+  config = _config(
+      "exp_santurkar_noise", norms=("bn",), dataset="digits",
+      num_train_steps=2, chunk_steps=2, num_points=2, probe_size=16,
+      batch_size=8, eval_batch_size=64, train_subset=64, test_subset=64,
+      **{"model_kwargs.width_multiplier": 1e-3})
+  config.noise_settings = ml_collections.ConfigDict(dict(
+      zero=setting("additive", (0.0, 0.0), (0.0, 0.0))))
+  out = santurkar_noise.run_experiment(config, str(tmp_path))
+  labels = list(out["summary"])
+  assert labels == ["Standard + BN", "additive m~U(0,0) s~U(0,0)"]
+  bn, zero = (out["summary"][k] for k in labels)
+  for key in ("final_test_accuracy", "stability", "mean_drift",
+              "std_drift"):
+    assert zero[key] == bn[key], key
+  # mean_drift / std_drift: the plain mean over the tracked layers.
+  assert bn["mean_drift"] == pytest.approx(np.mean(
+      [v["mean_drift_over_std0"] for v in bn["stability"].values()]))
+  assert bn["std_drift"] == pytest.approx(np.mean(
+      [v["std_drift_over_std0"] for v in bn["stability"].values()]))
+  assert (tmp_path / "noise.png").stat().st_size > 0
+  # The default settings' labels and forms (what REPRODUCTION.md quotes).
+  default = santurkar_noise.variants(_config("exp_santurkar_noise"))
+  assert [(v.label, v.norm) for v in default] == [
+      ("Standard", "none"), ("Standard + BN", "bn"),
+      ("additive m~U(-0.1,0.1) s~U(0,0.1)", "noisy_bn"),
+      ("additive m~U(-0.25,0.25) s~U(0,0.25)", "noisy_bn"),
+      ("additive m~U(-0.5,0.5) s~U(0,0.5)", "noisy_bn"),
+      ("affine m~U(-0.25,0.25) s~U(0.75,1.25)", "noisy_bn"),
+      ("affine m~U(-1,1) s~U(0.5,1.5)", "noisy_bn")]
+
+
 def test_seed_summary_statistics_match_numpy(tmp_path):
   """``--seeds``: every numeric leaf of the per-seed summaries gets its
   values, mean, sample std (ddof=1), min and max; strings/bools skipped;
@@ -327,3 +367,58 @@ def test_seed_summary_statistics_match_numpy(tmp_path):
   md = (tmp_path / "seeds.md").read_text()
   assert "| A/acc | 0.7 | 0.2 | 0.5 | 0.9 | 0.5, 0.7, 0.9 |" in md
   assert "curve" not in md  # list items only in seeds.json
+
+
+def test_sweep_runs_every_value_and_reads_finished_seeds_back(tmp_path):
+  """``--sweep``/``--seeds``: one run per (value, seed) in its own folder;
+  a seed folder written with the same config is read back (not rerun) with
+  the summary recomputed; sweep.json/.md hold each value's mean and sample
+  std over the seeds."""
+  import ml_collections
+  config = ml_collections.ConfigDict(dict(
+      seed=0, learning_rate=0.1, noise=dict(scale=(0.0, 1.0))))
+  calls = []
+
+  def experiment(config, workdir):  # accuracy = lr * (seed + 1)
+    calls.append((config.learning_rate, config.seed))
+    out = {"config": common.to_dict(config),
+           "summary": {"A": {"acc": config.learning_rate * (config.seed + 1)}}}
+    common.write_json(os.path.join(workdir, "results.json"), out)
+    return out
+
+  key, values = common.parse_sweep("learning_rate=0.1, 0.3", config)
+  assert (key, values) == ("learning_rate", [0.1, 0.3])
+  assert common.parse_sweep("noise.scale=(0, 0.5),(0, 1)", config) == (
+      "noise.scale", [(0, 0.5), (0, 1)])
+  for bad, match in (("learning_rate", "key=v1"), ("lr=0.1", "not a config"),
+                     ("learning_rate=0.1,0.1", "distinct")):
+    with pytest.raises(ValueError, match=match):
+      common.parse_sweep(bad, config)
+  assert common.sweep_dirname("noise.scale", (0, 0.5)) == "noise.scale_0_0.5"
+
+  out = common.run_sweep(experiment, config, str(tmp_path), key, values,
+                         [0, 1, 2], "toy", ["acc"])
+  assert calls == [(lr, s) for lr in (0.1, 0.3) for s in (0, 1, 2)]
+  assert (tmp_path / "learning_rate_0.3" / "seed_2" / "results.json").exists()
+  for lr in (0.1, 0.3):
+    acc = lr * np.array([1.0, 2.0, 3.0])
+    st = out["stats"][repr(lr)]["A/acc"]
+    assert st["mean"] == pytest.approx(acc.mean())
+    assert st["std"] == pytest.approx(acc.std(ddof=1))
+  md = (tmp_path / "sweep.md").read_text()
+  assert "| A/acc | 0.2 +- 0.1 | 0.6 +- 0.3 |" in md
+  assert (tmp_path / "sweep.png").stat().st_size > 0
+
+  # Rerun: nothing trains again; the summary is the resummarized one.
+  calls.clear()
+  out = common.run_sweep(
+      experiment, config, str(tmp_path), key, values, [0, 1, 2], "toy",
+      ["acc"], resummarize=lambda r: {"A": {"acc": 2 * r["summary"]["A"][
+          "acc"]}})
+  assert calls == []
+  assert out["stats"]["0.3"]["A/acc"]["mean"] == pytest.approx(1.2)
+  # Another config (here a nested field) runs again.
+  config.noise.scale = (0.0, 2.0)
+  common.run_seeds(experiment, config, str(tmp_path / "learning_rate_0.3"),
+                   [1], "toy")
+  assert calls == [(0.3, 1)]

@@ -260,6 +260,15 @@ def test_noisy_batch_norm_wraps_core_and_needs_noise_rng():
       momentum=0.8)
   np.testing.assert_allclose(y, y_core, atol=1e-6)
   assert _max_diff(upd["batch_stats"], s_core._asdict()) == 0.0
+  # noise_form reaches the core: degenerate affine noise is y_bn * 2 + 0.7.
+  affine = bnn.NoisyBatchNorm(noise_form="affine", noise_mean_range=(0.7, 0.7),
+                              noise_std_range=(2.0, 2.0), momentum=0.8)
+  y_aff, _ = affine.apply(v, x, use_running_average=False,
+                          mutable=["batch_stats"],
+                          rngs={"noise": jax.random.key(1)})
+  y_bn = np.asarray(y_core, np.float64) - 0.7
+  # |y| <= ~10: 1e-5 is ~8 float32 ulps of it.
+  np.testing.assert_allclose(y_aff, 2.0 * y_bn + 0.7, atol=1e-5)
 
   noisy = bnn.NoisyBatchNorm()
   run = functools.partial(noisy.apply, v, x, use_running_average=False,

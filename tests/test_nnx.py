@@ -412,6 +412,8 @@ def test_bad_input_raises_naming_the_argument():
   with pytest.raises(ValueError, match="momentum must be in"):
     bx.BatchNorm(C, momentum=1.0, rngs=nnx.Rngs(0))(_data((N, C), 1))
   noisy = bx.NoisyBatchNorm(C, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="noise_form must be one of"):
+    bx.NoisyBatchNorm(C, noise_form="scale", rngs=nnx.Rngs(0))(_data((N, C), 1))
   with pytest.raises(TypeError, match="rngs"):
     noisy(_data((N, C), 1), rngs="not a key")
   with pytest.raises(ValueError, match="mask has shape"):

@@ -74,6 +74,45 @@ def test_noise_has_documented_step_varying_distribution():
   assert np.all(noise.std(0) > 0.05)
 
 
+def test_affine_noise_rescales_and_shifts_each_feature():
+  """noise_form='affine': per step, each feature's BN output is mapped by
+  one line y = s_f * y_bn + m_f with s_f, m_f from their ranges (no
+  per-activation noise), and another key draws another line."""
+  x = _data((256, 6))
+  state = batch_norm_state(6)
+  gamma = np.linspace(0.5, 1.5, 6).astype(np.float32)
+  beta = np.linspace(-0.3, 0.3, 6).astype(np.float32)
+  y_bn = np.asarray(batch_norm(x, state, gamma, beta, train=True)[0],
+                    np.float64)
+  lines = []
+  for step in range(2):
+    y, new_state = noisy_batch_norm(
+        x, state, gamma, beta, key=jax.random.key(step), train=True,
+        noise_form="affine", noise_mean_range=(-0.5, 0.5),
+        noise_std_range=(0.8, 1.2))
+    assert new_state.mean.shape == (6,)
+    y = np.asarray(y, np.float64)
+    # Least squares in float64, per feature: slope s_f, intercept m_f.
+    design = np.stack([y_bn, np.ones_like(y_bn)], -1)  # [N, F, 2]
+    coef = np.stack([np.linalg.lstsq(design[:, f], y[:, f], rcond=None)[0]
+                     for f in range(6)])
+    slope, intercept = coef[:, 0], coef[:, 1]
+    fit = y_bn * slope + intercept
+    # Exactly affine: the residual is float32 rounding of |y| <= ~6 values.
+    assert np.max(np.abs(fit - y)) <= 32 * EPS_F32 * np.max(np.abs(y))
+    assert np.all((slope >= 0.8 - 1e-5) & (slope <= 1.2 + 1e-5)), slope
+    assert np.all(np.abs(intercept) <= 0.5 + 1e-5), intercept
+    assert np.max(np.abs(slope - 1.0)) > 0.02  # not the identity
+    assert np.max(np.abs(intercept)) > 0.05  # shifted
+    lines.append(coef)
+  assert np.max(np.abs(lines[0] - lines[1])) > 0.02  # re-drawn per step
+  # The additive form with the same ranges is not affine in y_bn.
+  y_add = np.asarray(noisy_batch_norm(
+      x, state, gamma, beta, key=jax.random.key(0), train=True,
+      noise_mean_range=(-0.5, 0.5), noise_std_range=(0.8, 1.2))[0])
+  assert np.std(y_add - y_bn, axis=0).min() > 0.5
+
+
 def test_noisy_same_key_same_output_and_no_noise_in_eval():
   x = _data((16, 3, 4))
   state = batch_norm_state(4)._replace(mean=jnp.full((4,), 0.3))
@@ -99,6 +138,11 @@ def test_noisy_check_grads_second_order():
     check_grads(jax.jit(lambda x, g, b: noisy_batch_norm(
         x, batch_norm_state(3, jnp.float64), g, b, key=key, train=True)[0]),
                 (x, g, b), order=2, modes=("fwd", "rev"))
+    # The affine form scales the BN output by s_f: first order suffices to
+    # see its gradient (the second order is batch norm's, checked above).
+    check_grads(jax.jit(lambda x, g, b: noisy_batch_norm(
+        x, batch_norm_state(3, jnp.float64), g, b, key=key, train=True,
+        noise_form="affine")[0]), (x, g, b), order=1, modes=("rev",))
 
 
 def test_noisy_bad_arguments():
@@ -112,6 +156,9 @@ def test_noisy_bad_arguments():
   with pytest.raises(ValueError, match="noise_mean_range=.*low <= high"):
     noisy_batch_norm(x, state, key=jax.random.key(0), train=True,
                      noise_mean_range=(1.0, -1.0))
+  with pytest.raises(ValueError, match="noise_form must be one of"):
+    noisy_batch_norm(x, state, key=jax.random.key(0), train=True,
+                     noise_form="multiplicative")
   with pytest.raises(TypeError, match="noise_mean_range must be a pair"):
     noisy_batch_norm(x, state, key=jax.random.key(0), train=True,
                      noise_mean_range=0.5)

@@ -19,10 +19,23 @@ Train mode, one call = one training step, with ``key`` the step's PRNG key and
    z_i &\sim N(0, 1)\quad\text{(per activation, i.i.d.)}\\
    y_i &= y^{BN}_i + m_{f(i)} + s_{f(i)}\, z_i
 
-i.e. ADDITIVE noise ``n_i ~ N(m_f, s_f^2)``: within one step and feature the
-noise has mean ``m_f`` and standard deviation ``s_f``; both change from step
-to step (a different ``key`` gives different ``m_f``, ``s_f`` and ``z``).
-The noise does not depend on ``x``, so gradients equal batch norm's.
+i.e. ADDITIVE noise ``n_i ~ N(m_f, s_f^2)`` (``noise_form='additive'``, the
+default): within one step and feature the noise has mean ``m_f`` and standard
+deviation ``s_f``; both change from step to step (a different ``key`` gives
+different ``m_f``, ``s_f`` and ``z``). The noise does not depend on ``x``, so
+gradients equal batch norm's.
+
+``noise_form='affine'`` instead shifts and rescales each feature's whole
+distribution, with no per-activation noise:
+
+.. math::
+
+   y_i = y^{BN}_i\, s_{f(i)} + m_{f(i)}
+
+so a feature's mean becomes ``beta_f * s_f + m_f`` and its standard deviation
+``|gamma_f| * s_f`` for the step (the multiplicative-plus-additive form;
+here ``s_f`` is a scale, and the gradient through ``y^{BN}`` is multiplied by
+``s_f``).
 
 The paper draws the noise mean and scale from uniform ranges; the exact ranges
 are not verified, hence the keyword arguments. Defaults:
@@ -44,14 +57,22 @@ from bn_jax.core.common import feature_layout
 from bn_jax.core.moments import Moments, stats_dtype
 
 
+NOISE_FORMS = ("additive", "affine")
+
+
 class NoiseRanges(NamedTuple):
   """Validated uniform ranges of the per-feature noise mean and std."""
   mean: tuple[float, float]
   std: tuple[float, float]
 
 
-def check_noise_ranges(noise_mean_range, noise_std_range) -> NoiseRanges:
-  """Raises ValueError/TypeError naming the argument for a bad range."""
+def check_noise_ranges(noise_mean_range, noise_std_range,
+                       noise_form: str = "additive") -> NoiseRanges:
+  """Raises ValueError/TypeError naming the argument for a bad range or
+  ``noise_form``."""
+  if noise_form not in NOISE_FORMS:
+    raise ValueError(f"noise_form must be one of {NOISE_FORMS}, got "
+                     f"{noise_form!r}.")
   out = []
   for name, rng in (("noise_mean_range", noise_mean_range),
                     ("noise_std_range", noise_std_range)):
@@ -64,8 +85,9 @@ def check_noise_ranges(noise_mean_range, noise_std_range) -> NoiseRanges:
       raise ValueError(f"{name}=({low}, {high}) needs low <= high.")
     out.append((low, high))
   if out[1][0] < 0.0:
-    raise ValueError("noise_std_range must be non-negative (it is a standard "
-                     f"deviation), got {noise_std_range!r}.")
+    raise ValueError("noise_std_range must be non-negative (a standard "
+                     "deviation, or a scale for noise_form='affine'), got "
+                     f"{noise_std_range!r}.")
   return NoiseRanges(out[0], out[1])
 
 
@@ -79,6 +101,7 @@ def noisy_batch_norm(
     train: bool,
     noise_mean_range: tuple[float, float] = (-1.0, 1.0),
     noise_std_range: tuple[float, float] = (0.5, 1.5),
+    noise_form: str = "additive",
     axis=-1,
     momentum: float = 0.99,
     epsilon: float = 1e-5,
@@ -103,7 +126,11 @@ def noisy_batch_norm(
     noise_mean_range: ``(low, high)`` of the uniform distribution of the
       per-feature noise mean ``m_f``.
     noise_std_range: ``(low, high)``, ``low >= 0``, of the uniform
-      distribution of the per-feature noise standard deviation ``s_f``.
+      distribution of the per-feature noise standard deviation ``s_f`` (the
+      per-feature scale for ``noise_form='affine'``).
+    noise_form: ``'additive'`` (``y + m_f + s_f z``, i.i.d. ``z`` per
+      activation) or ``'affine'`` (``y * s_f + m_f``); see the module
+      docstring.
     axis: the feature axis or axes; statistics are over all other axes.
     momentum: weight of the old running value, in [0, 1).
     epsilon: added to the variance inside the square root, > 0.
@@ -121,7 +148,7 @@ def noisy_batch_norm(
   y, new_state, _ = noisy_batch_norm_with_moments(
       x, state, scale, bias, key=key, train=train,
       noise_mean_range=noise_mean_range, noise_std_range=noise_std_range,
-      axis=axis, momentum=momentum, epsilon=epsilon,
+      noise_form=noise_form, axis=axis, momentum=momentum, epsilon=epsilon,
       unbiased_running_var=unbiased_running_var, axis_name=axis_name,
       axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size,
       mask=mask)
@@ -138,6 +165,7 @@ def noisy_batch_norm_with_moments(
     train: bool,
     noise_mean_range: tuple[float, float] = (-1.0, 1.0),
     noise_std_range: tuple[float, float] = (0.5, 1.5),
+    noise_form: str = "additive",
     axis=-1,
     momentum: float = 0.99,
     epsilon: float = 1e-5,
@@ -153,7 +181,7 @@ def noisy_batch_norm_with_moments(
   ``(y, new_state, moments)``, ``moments`` those of ``x`` (the noise does not
   enter them; None in eval mode).
   """
-  ranges = check_noise_ranges(noise_mean_range, noise_std_range)
+  ranges = check_noise_ranges(noise_mean_range, noise_std_range, noise_form)
   if train and key is None:
     raise ValueError("noisy_batch_norm needs a PRNG `key` in train mode (the "
                      "noise is re-drawn every step), got key=None. In flax "
@@ -168,10 +196,13 @@ def noisy_batch_norm_with_moments(
   _, _, feature_shape, bshape = feature_layout(x, axis)
   dtype = stats_dtype(x.dtype)
   key_mean, key_std, key_z = jax.random.split(key, 3)
-  noise_mean = jax.random.uniform(key_mean, feature_shape, dtype,
-                                  *ranges.mean)
-  noise_std = jax.random.uniform(key_std, feature_shape, dtype, *ranges.std)
-  z = jax.random.normal(key_z, x.shape, dtype)
-  noise = (jnp.reshape(noise_mean, bshape) +
-           jnp.reshape(noise_std, bshape) * z)
-  return (y.astype(dtype) + noise).astype(x.dtype), new_state, batch
+  noise_mean = jnp.reshape(jax.random.uniform(
+      key_mean, feature_shape, dtype, *ranges.mean), bshape)
+  noise_std = jnp.reshape(jax.random.uniform(
+      key_std, feature_shape, dtype, *ranges.std), bshape)
+  if noise_form == "affine":
+    out = y.astype(dtype) * noise_std + noise_mean
+  else:
+    z = jax.random.normal(key_z, x.shape, dtype)
+    out = y.astype(dtype) + (noise_mean + noise_std * z)
+  return out.astype(x.dtype), new_state, batch

@@ -154,6 +154,7 @@ def noisy_batch_norm_options(module) -> dict:
   """Core keyword arguments of NoisyBatchNorm (the key excepted)."""
   return dict(noise_mean_range=tuple(module.noise_mean_range),
               noise_std_range=tuple(module.noise_std_range),
+              noise_form=module.noise_form,
               unbiased_running_var=module.unbiased_running_var,
               ghost_batch_size=module.ghost_batch_size)
 
@@ -372,7 +373,8 @@ class NoisyBatchNorm(_BatchStatsNorm):
   """Batch norm + step-varying noise (Santurkar et al., 2018, section 2.1).
 
   Wraps :func:`bn_jax.core.noisy_batch_norm`. Attributes and call signature
-  as :class:`BatchNorm`, plus ``noise_mean_range`` and ``noise_std_range``.
+  as :class:`BatchNorm`, plus ``noise_mean_range``, ``noise_std_range`` and
+  ``noise_form`` (``'additive'`` or ``'affine'``, see the core function).
   In training the noise key comes from the ``'noise'`` rng stream
   (``apply(..., rngs={'noise': key})``, a new key every step); in eval there
   is no noise and no rng is needed. The PreciseBN hook stores the moments of
@@ -381,6 +383,7 @@ class NoisyBatchNorm(_BatchStatsNorm):
   """
   noise_mean_range: tuple[float, float] = (-1.0, 1.0)
   noise_std_range: tuple[float, float] = (0.5, 1.5)
+  noise_form: str = "additive"
   unbiased_running_var: bool = False
   ghost_batch_size: Optional[int] = None
 

@@ -375,8 +375,9 @@ class NoisyBatchNorm(_BatchStatsNorm):
   :func:`bn_jax.core.noisy_batch_norm`.
 
   Constructor, variables and call as :class:`BatchNorm`, plus
-  ``noise_mean_range``, ``noise_std_range``, ``unbiased_running_var``,
-  ``ghost_batch_size`` and ``rng_collection`` (default ``'noise'``). In
+  ``noise_mean_range``, ``noise_std_range``, ``noise_form``,
+  ``unbiased_running_var``, ``ghost_batch_size`` and ``rng_collection``
+  (default ``'noise'``). In
   training every call draws a new key from the ``rng_collection`` stream of
   the ``rngs`` given to the constructor (as ``nnx.Dropout`` does; a stream
   missing from the ``nnx.Rngs`` falls back to its ``default`` stream), or
@@ -403,11 +404,13 @@ class NoisyBatchNorm(_BatchStatsNorm):
       scale_metadata: Mapping[str, Any] = _EMPTY,
       noise_mean_range: tuple[float, float] = (-1.0, 1.0),
       noise_std_range: tuple[float, float] = (0.5, 1.5),
+      noise_form: str = "additive",
       unbiased_running_var: bool = False,
       ghost_batch_size: Optional[int] = None,
       rng_collection: str = "noise"):
     self.noise_mean_range = tuple(noise_mean_range)
     self.noise_std_range = tuple(noise_std_range)
+    self.noise_form = noise_form
     self.unbiased_running_var = unbiased_running_var
     self.ghost_batch_size = ghost_batch_size
     self.rng_collection = rng_collection
