@@ -297,16 +297,20 @@ def plot_sweep(sweep: dict, quantities: list[str], path: str) -> str:
                 for v in values)
   x = np.asarray(values, float) if numeric else np.arange(len(values))
   fig, axes = figure(max(len(quantities), 1), width=3.8)
+  # One color per run label in every panel (a label may lack a quantity).
+  labels_of = {q: sorted({p[:-len(q) - 1] for st in sweep["stats"].values()
+                          for p in st if p.endswith("/" + q)})
+               for q in quantities}
+  colors = {label: f"C{i}" for i, label in enumerate(sorted(
+      set().union(*labels_of.values())))}
   for ax, quantity in zip(axes[0], quantities):
-    labels = sorted({p[:-len(quantity) - 1] for st in sweep["stats"].values()
-                     for p in st if p.endswith("/" + quantity)})
-    for label in labels:
+    for label in labels_of[quantity]:
       rows = [sweep["stats"][repr(v)].get(f"{label}/{quantity}")
               for v in values]
       have = [i for i, r in enumerate(rows) if r is not None]
       ax.errorbar(x[have], [rows[i]["mean"] for i in have],
                   yerr=[rows[i]["std"] for i in have], marker="o",
-                  capsize=3, label=label)
+                  capsize=3, label=label, color=colors[label])
     if numeric and x.min() > 0 and x.max() > 3 * x.min():
       ax.set_xscale("log")
     if not numeric:
@@ -314,8 +318,11 @@ def plot_sweep(sweep: dict, quantities: list[str], path: str) -> str:
     ax.set_title(quantity, fontsize=9)
     ax.set_xlabel(sweep["key"])
     ax.grid(alpha=0.3)
-  if quantities and axes[0, 0].get_legend_handles_labels()[0]:
-    axes[0, 0].legend(fontsize=7)
+  if colors:
+    from matplotlib.lines import Line2D
+    fig.legend([Line2D([], [], color=c, marker="o") for c in colors.values()],
+               list(colors), fontsize=7, loc="outside lower center",
+               ncols=len(colors))
   fig.suptitle(f"{sweep['experiment']}: mean +- std over seeds")
   return save(fig, path)
 

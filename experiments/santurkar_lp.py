@@ -46,8 +46,7 @@ def run_experiment(config, workdir: str) -> dict:
   for label, r in runs.items():
     kurt = r["records"][-1]["kurtosis"]
     summary[label] = sv.run_summary(
-        r, final_train_accuracy=(r["train_curve"][-1][2]
-                                 if r["train_curve"] else None),
+        r, final_train_accuracy=sv.final_train_accuracy(r),
         final_mean_excess_kurtosis=float(np.mean(list(kurt.values()))),
         final_excess_kurtosis=kurt, stability=sv.stability_summary(r))
   out = {"experiment": "santurkar_lp", "config": common.to_dict(config),

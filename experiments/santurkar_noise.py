@@ -54,11 +54,8 @@ def summarize(runs: dict) -> dict:
   for label, r in runs.items():
     stability = sv.stability_summary(r)
     out[label] = sv.run_summary(
-        r, stability=stability,
-        mean_drift=float(np.mean([s["mean_drift_over_std0"]
-                                  for s in stability.values()])),
-        std_drift=float(np.mean([s["std_drift_over_std0"]
-                                 for s in stability.values()])))
+        r, final_train_accuracy=sv.final_train_accuracy(r),
+        stability=stability, **sv.drift_means(stability))
   return out
 
 

@@ -307,6 +307,20 @@ def stability_summary(run: dict) -> dict:
   return out
 
 
+def drift_means(stability: dict) -> dict:
+  """``mean_drift`` / ``std_drift``: :func:`stability_summary`'s per-layer
+  drifts averaged over the tracked layers."""
+  return {"mean_drift": float(np.mean([s["mean_drift_over_std0"]
+                                       for s in stability.values()])),
+          "std_drift": float(np.mean([s["std_drift_over_std0"]
+                                      for s in stability.values()]))}
+
+
+def final_train_accuracy(run: dict):
+  """Training accuracy of the last chunk (train mode), None without one."""
+  return run["train_curve"][-1][2] if run["train_curve"] else None
+
+
 def plot_accuracy(runs: dict, path: str, title: str) -> str:
   fig, axes = common.figure(2)
   for label, run in runs.items():
@@ -410,10 +424,12 @@ def variants(config) -> list[Variant]:
 def summarize(runs: dict, learning_rate: float) -> dict:
   """Per run label: accuracy, ICS, landscape and stability summaries."""
   return {label: run_summary(
-      r, ics=ics_summary(r["records"]),
+      r, final_train_accuracy=final_train_accuracy(r),
+      ics=ics_summary(r["records"]),
       ics_after_init=ics_after_init(ics_summary(r["records"])),
       landscape=landscape_summary(r["records"], learning_rate),
       stability=stability_summary(r),
+      **drift_means(stability_summary(r)),
       seconds_per_step=r["seconds_per_step"]) for label, r in runs.items()}
 
 
