@@ -51,13 +51,8 @@ def run_experiment(config, workdir: str) -> dict:
         final_excess_kurtosis=kurt, stability=sv.stability_summary(r))
   out = {"experiment": "santurkar_lp", "config": common.to_dict(config),
          "summary": summary, "runs": runs}
-  title = (f"l_p normalization vs BN: {config.model_kwargs.variant} "
-           f"x{config.model_kwargs.width_multiplier}, "
-           f"{len(data.train_ds.labels)} CIFAR-10 images, "
-           f"{config.num_train_steps} steps")
-  sv.plot_accuracy(runs, os.path.join(workdir, "accuracy.png"), title)
-  sv.plot_stability(runs, os.path.join(workdir, "stability.png"),
-                    "pre-activation percentiles (training mode, probe batch)")
+  sv.plot_training(runs, workdir, "l_p normalization vs BN: "
+                   + sv.scale_text(config, data))
   return common.save_results(workdir, out, t0, summary=[
       f"{label}: test acc {s['final_test_accuracy']:.4f} (max "
       f"{s['max_test_accuracy']:.4f}), train acc {s['final_train_accuracy']}"

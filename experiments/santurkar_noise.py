@@ -96,13 +96,8 @@ def run_experiment(config, workdir: str) -> dict:
   summary = summarize(runs)
   out = {"experiment": "santurkar_noise", "config": common.to_dict(config),
          "summary": summary, "runs": runs}
-  title = (f"noisy BN: {config.model_kwargs.variant} "
-           f"x{config.model_kwargs.width_multiplier}, "
-           f"{len(data.train_ds.labels)} CIFAR-10 images, "
-           f"{config.num_train_steps} steps, seed {config.seed}")
-  sv.plot_accuracy(runs, os.path.join(workdir, "accuracy.png"), title)
-  sv.plot_stability(runs, os.path.join(workdir, "stability.png"),
-                    "pre-activation percentiles (training mode, probe batch)")
+  title = f"noisy BN: {sv.scale_text(config, data)}, seed {config.seed}"
+  sv.plot_training(runs, workdir, title)
   plot_noise({f"{label}/{q}": {"mean": s[q], "std": 0.0}
               for label, s in summary.items() for q in QUANTITIES},
              list(summary), os.path.join(workdir, "noise.png"), title)

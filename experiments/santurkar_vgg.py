@@ -321,6 +321,21 @@ def final_train_accuracy(run: dict):
   return run["train_curve"][-1][2] if run["train_curve"] else None
 
 
+def scale_text(config, data: MeasureData) -> str:
+  """``'vgg11 x0.125, 10000 CIFAR-10 images, 800 steps'``: a plot title."""
+  return (f"{config.model_kwargs.variant} "
+          f"x{config.model_kwargs.width_multiplier}, "
+          f"{len(data.train_ds.labels)} CIFAR-10 images, "
+          f"{config.num_train_steps} steps")
+
+
+def plot_training(runs: dict, workdir: str, title: str) -> None:
+  """``accuracy.png`` and ``stability.png`` of the Santurkar VGG scripts."""
+  plot_accuracy(runs, os.path.join(workdir, "accuracy.png"), title)
+  plot_stability(runs, os.path.join(workdir, "stability.png"),
+                 "pre-activation percentiles (training mode, probe batch)")
+
+
 def plot_accuracy(runs: dict, path: str, title: str) -> str:
   fig, axes = common.figure(2)
   for label, run in runs.items():
@@ -446,12 +461,7 @@ def run_experiment(config, workdir: str) -> dict:
   summary = summarize(runs, config.learning_rate)
   out = {"experiment": "santurkar_vgg", "config": common.to_dict(config),
          "summary": summary, "runs": runs}
-  scale = (f"{config.model_kwargs.variant} x{config.model_kwargs.width_multiplier}"
-           f", {len(data.train_ds.labels)} CIFAR-10 train images, "
-           f"{config.num_train_steps} steps")
-  plot_accuracy(runs, os.path.join(workdir, "accuracy.png"), scale)
-  plot_stability(runs, os.path.join(workdir, "stability.png"),
-                 "pre-activation percentiles (training mode, probe batch)")
+  plot_training(runs, workdir, scale_text(config, data))
   plot_ics_curves(runs, os.path.join(workdir, "ics.png"), "ICS (Def. 2.1)")
   plot_landscape(runs, os.path.join(workdir, "landscape.png"),
                  f"landscape along the gradient, eta in lr x "
