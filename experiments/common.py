@@ -213,8 +213,8 @@ def previous_results(workdir: str, config) -> Optional[dict]:
     return None
   with open(path) as f:
     old = json.load(f)
-  same = old.get("config") == _jsonable(json.loads(config.to_json_best_effort()),
-                                        7)
+  # As save_results wrote it: write_json's 7 significant digits.
+  same = old.get("config") == _jsonable(to_dict(config), 7)
   return old if same else None
 
 

@@ -31,11 +31,13 @@ LABELS = {"none": "DLN", "bn": "DLN + BN"}
 
 def summarize(runs: dict, learning_rate: float) -> dict:
   """Per run label: accuracy, ICS and landscape summaries."""
-  return {label: sv.run_summary(
-      r, ics=sv.ics_summary(r["records"]),
-      ics_after_init=sv.ics_after_init(sv.ics_summary(r["records"])),
-      landscape=sv.landscape_summary(r["records"], learning_rate))
-      for label, r in runs.items()}
+  out = {}
+  for label, r in runs.items():
+    ics = sv.ics_summary(r["records"])
+    out[label] = sv.run_summary(
+        r, ics=ics, ics_after_init=sv.ics_after_init(ics),
+        landscape=sv.landscape_summary(r["records"], learning_rate))
+  return out
 
 
 def resummarize(results: dict) -> dict:

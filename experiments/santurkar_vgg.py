@@ -438,14 +438,16 @@ def variants(config) -> list[Variant]:
 
 def summarize(runs: dict, learning_rate: float) -> dict:
   """Per run label: accuracy, ICS, landscape and stability summaries."""
-  return {label: run_summary(
-      r, final_train_accuracy=final_train_accuracy(r),
-      ics=ics_summary(r["records"]),
-      ics_after_init=ics_after_init(ics_summary(r["records"])),
-      landscape=landscape_summary(r["records"], learning_rate),
-      stability=stability_summary(r),
-      **drift_means(stability_summary(r)),
-      seconds_per_step=r["seconds_per_step"]) for label, r in runs.items()}
+  out = {}
+  for label, r in runs.items():
+    ics, stability = ics_summary(r["records"]), stability_summary(r)
+    out[label] = run_summary(
+        r, final_train_accuracy=final_train_accuracy(r), ics=ics,
+        ics_after_init=ics_after_init(ics),
+        landscape=landscape_summary(r["records"], learning_rate),
+        stability=stability, **drift_means(stability),
+        seconds_per_step=r["seconds_per_step"])
+  return out
 
 
 def resummarize(results: dict) -> dict:
