@@ -128,6 +128,9 @@ def test_gradients_match_finite_differences_complex128():
 
     # Real-valued, reads real and imaginary parts of y. (The running
     # statistics carry stop_gradient by design, so they are not in it.)
+    # Jitted: check_grads evaluates it dozens of times, and op by op each
+    # evaluation dispatched (and first compiled) every complex128 op.
+    @jax.jit
     def loss(x, gamma, beta):
       y, _ = batch_norm(x, batch_norm_state(3, jnp.float64), gamma, beta,
                         train=True, epsilon=EPS)

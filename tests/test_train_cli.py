@@ -34,7 +34,10 @@ _SMALL_DEFAULT = [
     f"{_SMALL_PART}checkpoint_every=5", f"{_SMALL_PART}log_every=5",
     f"{_SMALL_PART}eval_every=10", f"{_SMALL_PART}norm_kwargs.cbn.burn_in=5",
     "--config.precise_bn_samples=256", "--config.progress_bar=False",
-    "--config.plots=False"]
+    "--config.plots=False",
+    # The suite's compilation cache (conftest.py; '' = off), not the user's
+    # ~/.cache: a restarted run loads what the killed one compiled.
+    f"--compilation_cache={os.environ.get('JAX_COMPILATION_CACHE_DIR', '')}"]
 # Timings differ between runs; every other result must be identical.
 _TIMING_KEYS = ("examples_per_sec", "train_seconds")
 
