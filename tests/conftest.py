@@ -85,6 +85,13 @@ def _unoptimized_xla():
   ~2.5x less time; what they check -- finiteness, shapes, state plumbing --
   does not depend on it).
 
+  Not for numerical tests: with it, XLA:CPU (jax 0.10.2) computed a wrong
+  VJP for ``jax.jit(lp_norm)`` with p=inf -- the forward program's output
+  mask of jnp.max's argmax positions lost its 1 in one column while the
+  count beside it said 1 -- so check_grads failed there (eager and
+  optimized-jit results agree with finite differences). Gradient checks
+  stay optimized.
+
   The flag is not part of JAX's compilation cache key, so on exit it is
   restored and every compilation cache cleared: no unoptimized executable
   outlives the block (numerical tests elsewhere see optimized code).
