@@ -22,14 +22,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (the controller, or the only process) creates here, and so do the train.py
 # subprocesses (tests/test_train_cli.py passes it as --compilation_cache).
 # Many tests compile the same programs (the same model, step or check in
-# another test or worker, a killed run and its restart); on a fresh machine
-# this took the suite from 9.5 to 7.8 min (2 cores). It lives only as long
+# another test or worker, a killed run and its restart), and each worker
+# compiles the same small op-by-op programs. It lives only as long
 # as the run (removed in pytest_unconfigure), so no test ever loads an
 # executable compiled by another version of the code, and a user's own
 # JAX_COMPILATION_CACHE_DIR is left alone. The key of every entry holds the
 # program, the compile options and the XLA flags, so a test compiled without
 # XLA's optimizations (see _unoptimized_xla) never receives an optimized
-# executable or the reverse.
+# executable or the reverse (checked: the same function compiled with and
+# without jax_disable_most_optimizations makes two entries). An entry cut
+# short (a killed train.py, two workers writing one key) is read as a miss
+# with a warning and compiled again.
 _CACHE_ENV = "BN_JAX_TEST_COMPILATION_CACHE"
 _created_cache = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -41,7 +44,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   # compilations are small programs.
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-COMPILATION_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -92,7 +94,8 @@ def _unoptimized_xla():
   optimized-jit results agree with finite differences). Gradient checks
   stay optimized.
 
-  The flag is not part of JAX's compilation cache key, so on exit it is
+  The flag is not part of the key of JAX's in-memory caches (it is of the
+  persistent cache's, see above), so on exit it is
   restored and every compilation cache cleared: no unoptimized executable
   outlives the block (numerical tests elsewhere see optimized code).
   """

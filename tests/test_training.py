@@ -228,7 +228,7 @@ _CASES = ([("mlp", n) for n in config_validation.NORMS if n != "naive_cbn"] +
           [("resnet20", "bn"), ("deep_linear", "bn"), ("vgg", "cbn")])
 
 
-# Slow (13 cases of ~2-25 s, compiling): worth it as the only check that each
+# Slow (13 cases of ~2-15 s, compiling): worth it as the only check that each
 # norm's state and each model's shapes go through the real train/eval steps.
 @pytest.mark.parametrize("model_name,norm", _CASES)
 def test_every_model_and_norm_trains_a_few_steps(train, digits, model_name,
