@@ -6,6 +6,7 @@ activations, gradients' structure; no XLA compilation); the numerics run
 (one jit each, compiled without XLA optimizations) on tiny blocks for every
 norm and on the models with BN.
 """
+import functools
 import math
 
 import flax
@@ -764,12 +765,15 @@ def test_naive_cbn_is_cbn_without_compensation():
   def run(norm, kwargs):
     model = create_model('deep_linear', num_classes=NUM_CLASSES, norm=norm,
                          norm_kwargs=kwargs, depth=2, width=4)
-    variables = model.init(RNGS_INIT, x, train=False)
+    # Jitted, as in training (op by op: ~120 small compilations).
+    variables = jax.jit(model.init, static_argnames='train')(
+        RNGS_INIT, x, train=False)
+    train_apply = jax.jit(functools.partial(model.apply, train=True,
+                                            mutable=['batch_stats']))
     params, stats, outs = variables['params'], variables['batch_stats'], []
     for step in range(4):
-      y, upd = model.apply({'params': params, 'batch_stats': stats},
-                           x * (1.0 + 0.3 * step), train=True,
-                           mutable=['batch_stats'])
+      y, upd = train_apply({'params': params, 'batch_stats': stats},
+                           x * (1.0 + 0.3 * step))
       stats = upd['batch_stats']
       outs.append(np.asarray(y))
       # Move the weights, so compensation has something to do.
