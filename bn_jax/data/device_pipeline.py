@@ -322,13 +322,21 @@ def crop_and_flip_stored(images: jax.Array, padding: int, index: jax.Array,
   rows, hp, wp, c = images.shape
   h, w = hp - 2 * padding, wp - 2 * padding
   starts = offsets + (padding - pad)
+  # Sliced as [rows, Hp, Wp * C] (a free reshape): a crop's row is then one
+  # contiguous run of W * C values in the minor dimension instead of W runs
+  # of C, which XLA:CPU copies faster (~6-8% more batches/s, measured
+  # interleaved; the same values).
+  merged = images.reshape(rows, hp, wp * c)
+
+  def crop(i, y, x):
+    return lax.dynamic_slice(merged, (i, y, x * c), (1, h, w * c))[0]
+
   if mirrored:
     x = jnp.where(flips, wp - w - starts[:, 1], starts[:, 1])
     source = jnp.where(flips, index + rows // 2, index)
-    return jax.vmap(lambda i, y, x: lax.dynamic_slice(
-        images, (i, y, x, 0), (1, h, w, c))[0])(source, starts[:, 0], x)
-  crops = jax.vmap(lambda i, corner: lax.dynamic_slice(
-      images, (i, corner[0], corner[1], 0), (1, h, w, c))[0])(index, starts)
+    return jax.vmap(crop)(source, starts[:, 0], x).reshape(-1, h, w, c)
+  crops = jax.vmap(crop)(index, starts[:, 0], starts[:, 1]).reshape(
+      -1, h, w, c)
   return jnp.where(flips[:, None, None, None], crops[:, :, ::-1], crops)
 
 
