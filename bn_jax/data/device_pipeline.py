@@ -324,7 +324,7 @@ def crop_and_flip_stored(images: jax.Array, padding: int, index: jax.Array,
   starts = offsets + (padding - pad)
   # Sliced as [rows, Hp, Wp * C] (a free reshape): a crop's row is then one
   # contiguous run of W * C values in the minor dimension instead of W runs
-  # of C, which XLA:CPU copies faster (~6-8% more batches/s, measured
+  # of C, which XLA:CPU copies faster (~6% more batches/s, measured
   # interleaved; the same values).
   merged = images.reshape(rows, hp, wp * c)
 
