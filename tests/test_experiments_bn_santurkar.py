@@ -304,9 +304,9 @@ def test_santurkar_noise_smoke(tmp_path):
   import ml_collections
   import santurkar_noise
   # Known case: noisy BN with zero noise (additive m = s = 0) is BN, step
-  # for step, so its accuracy and every drift equal BN's run exactly. (A
-  # setting that did not reach the layer would leave the default noise on,
-  # m ~ U(-1, 1), and differ.)
+  # for step, so its accuracy and every drift equal BN's run up to float32
+  # rounding. (A setting that did not reach the layer would leave the
+  # default noise on, m ~ U(-1, 1), and move the drifts by O(0.1).)
   setting = lambda form, m, s: dict(noise_form=form, noise_mean_range=m,
                                     noise_std_range=s)
   config = _config(
@@ -320,9 +320,22 @@ def test_santurkar_noise_smoke(tmp_path):
   labels = list(out["summary"])
   assert labels == ["Standard + BN", "additive m~U(0,0) s~U(0,0)"]
   bn, zero = (out["summary"][k] for k in labels)
-  for key in ("final_test_accuracy", "stability", "mean_drift",
-              "std_drift"):
-    assert zero[key] == bn[key], key
+  # Not bit for bit: the two are different programs (noisy BN draws its
+  # zero noise and applies it), which XLA may round differently in the last
+  # bits (observed: drifts differing by up to 2.4e-7 with XLA:CPU's legacy
+  # fusion emitters, equal with its default ones). The drifts are float32
+  # statistics of O(1)-normalized pre-activations after 2 steps: 2e-5 is
+  # ~80x that, and 1e-4 of the O(0.1) change the default noise makes. One
+  # of the 64 test digits may flip on a near-tie of two logits.
+  assert abs(zero["final_test_accuracy"] - bn["final_test_accuracy"]) <= (
+      1 / 64 + 1e-9)
+  assert zero["stability"].keys() == bn["stability"].keys()
+  for layer, drifts in bn["stability"].items():
+    for key, value in drifts.items():
+      assert zero["stability"][layer][key] == pytest.approx(
+          value, rel=0, abs=2e-5), (layer, key)
+  for key in ("mean_drift", "std_drift"):
+    assert zero[key] == pytest.approx(bn[key], rel=0, abs=2e-5), key
   # mean_drift / std_drift: the plain mean over the tracked layers.
   assert bn["mean_drift"] == pytest.approx(np.mean(
       [v["mean_drift_over_std0"] for v in bn["stability"].values()]))
