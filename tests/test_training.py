@@ -216,9 +216,10 @@ _NORM_KWARGS = dict(cbn=dict(window=2, burn_in=1), gn=dict(num_groups=2),
 #   a window of conv-shaped statistics in batch_stats). ResNet-18 is the
 #   ResNet class with other stage sizes: nothing the loop could get wrong
 #   differs. (CBN on VGG's 8 convs compiles in about half the time of CBN on
-#   ResNet-20's 19; every pair is built and traced in test_models.py);
-# - every (model, norm) pair is built and traced (init, train-mode forward,
-#   gradient, eval) in tests/test_models.py::test_every_model_every_norm_traced,
+#   ResNet-20's 19);
+# - every norm on the MLP and ResNet-18, and every model with none, BN and
+#   CBN, is built and traced (init, train-mode forward, gradient, eval) in
+#   tests/test_models.py::test_model_and_norm_traced,
 #   and every norm's numerics run on a Dense and a Conv block in
 #   test_models.py::test_every_norm_executes.
 # XLA's optimization passes are off for them (conftest.py); the numerics of
