@@ -28,9 +28,9 @@ same round are what to compare):
 the round ends (this script's measurement before 2026-12-02). A training
 loop never does that: 96 batches of 128 CIFAR images are 151 MB, so each
 new batch is written into pages the process has not touched yet, and the
-page faults (385 per batch in the first round, ``getrusage``) cost about as
-much as computing the batch. The host contenders keep only the last batch
-either way.
+page faults (385 per batch in the first round, ``getrusage``) made the
+device rate 1.6-1.7x slower (benchmarks/RESULTS.md). The host contenders
+keep only the last batch either way.
 
 Each contender is run with augmentation (random crop with 4-pixel zero
 padding + flip) and without. Reported: images/s per round and the median,
