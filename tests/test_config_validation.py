@@ -13,7 +13,6 @@ import functools
 import os
 
 import jax
-import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -64,27 +63,33 @@ def test_any_norm_argument_can_be_overridden_from_the_command_line():
 
 @pytest.mark.parametrize("norm", [n for n in NORMS if n != "none"])
 def test_declared_defaults_build_the_same_model(norm):
+  """The model built with the config's declared norm_kwargs and the one built
+  with none (the modules' own defaults) are the same computation: their init
+  and training-mode apply trace to the same jaxpr (every argument that
+  matters appears in it: a momentum as a literal, a window as a shape,
+  use_scale as a parameter, unbiased_running_var as other operations;
+  checked by changing one declared value at a time: 16 settings of 8 norms
+  each change a jaxpr), so they
+  give the same results bit for bit on any input. (Traced, not compiled: 10
+  cases, 4 compilations each, took ~25 s executed.)"""
   declared = base_config().norm_kwargs[norm].to_dict()
-  x = jax.random.normal(jax.random.PRNGKey(3), (32, 12))
-  outs = []
+  x = jax.ShapeDtypeStruct((32, 12), jax.numpy.float32)
+  keys = {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)}
+  programs = []
   for norm_kwargs in (None, declared):
     # 12 and 20 units: GroupNorm's per-layer default groups differ (12, 20).
     model = create_model("mlp", num_classes=3, norm=norm, hidden=(12, 20),
                          norm_kwargs=norm_kwargs)
-    keys = {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(1)}
-    # Jitted, as in training (op by op, CBN alone made ~190 compilations).
-    variables = jax.jit(model.init, static_argnames="train")(keys, x,
-                                                             train=False)
-    y, _ = jax.jit(functools.partial(
-        model.apply, train=True, mutable=["batch_stats"]))(
-            variables, x, rngs={"noise": keys["noise"]})
-    outs.append((variables, y))
-  (v0, y0), (v1, y1) = outs
-  assert jax.tree.structure(v0) == jax.tree.structure(v1)
-  for a, b in zip(jax.tree.leaves(v0), jax.tree.leaves(v1)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # Same module arguments, same computation: bit-identical.
-  np.testing.assert_array_equal(np.asarray(y0), np.asarray(y1))
+    init = functools.partial(model.init, train=False)
+    apply = functools.partial(model.apply, train=True,
+                              mutable=["batch_stats"])
+    variables = jax.eval_shape(init, keys, x)
+    programs.append((str(jax.make_jaxpr(init)(keys, x)),
+                     str(jax.make_jaxpr(apply)(
+                         variables, x, rngs={"noise": keys["noise"]}))))
+  (init0, apply0), (init1, apply1) = programs
+  assert init0 == init1
+  assert apply0 == apply1
 
 
 def test_model_errors_are_found_before_loading_data_naming_the_key(
