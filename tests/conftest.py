@@ -21,11 +21,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # emitters, for compile time: more than half of the suite's time is XLA
 # compiling many small programs, and with the legacy emitters the slowest
 # compiling tests take 37% less time (tests/test_readme.py,
-# test_santurkar_vgg_and_lp_smoke, the vgg-cbn training case and the lp
-# norm's second-order check_grads: 77 s -> 48 s together, run alone without
-# a cache). Both are XLA:CPU code generators for the same HLO, and the suite
-# checks bn_jax's results against independent references with tolerances
-# that do not depend on the code generator (the suite passes under either:
+# test_santurkar_vgg_and_lp_smoke, the training case of VGG with CBN (now
+# VGG with BN) and the lp norm's second-order check_grads: 77 s -> 48 s
+# together, run alone without a cache). Both are XLA:CPU code generators
+# for the same HLO, and the suite checks bn_jax's results against
+# independent references with tolerances that do not depend on the code
+# generator (the suite passes under either:
 # benchmarks/RESULTS.md, "Test suite time"). Left alone when XLA_FLAGS
 # already chooses, and BN_JAX_TEST_XLA_DEFAULTS=1 runs the suite with XLA's
 # defaults (what a user's program gets).
@@ -84,7 +85,6 @@ _SLOWEST_FIRST = (
     "test_noisy_lp_frozen.py::test_lp_norm_check_grads_second_order",
     "test_experiments_bn_santurkar.py::test_santurkar_dln_smoke",
     "test_device_pipeline.py::test_resume_is_bit_exact",
-    "test_training.py::test_resume_is_bit_identical",
 )
 
 

@@ -55,12 +55,17 @@ def test_conv_cbn_train_step_under_jit_window_in_batch_stats_eval_running():
     return params, new_stats, y
 
   layer_fn = _lax_conv((2, 2), 2)
+  # The reference: the core function with lax's conv (jitted: one compile
+  # instead of op-by-op execution of CBN's per-layer derivatives).
+  core = jax.jit(lambda kernel, x, state, scale, bias:
+                 bn_jax.cross_iteration_batch_norm(
+                     layer_fn, kernel, x, state, scale, bias, train=True,
+                     window=3, momentum=0.9))
   for t in range(4):
     state = bn_jax.CBNState(**stats)
     # The module is the core function with flax's conv: same output.
-    y_core, _ = bn_jax.cross_iteration_batch_norm(
-        layer_fn, params["kernel"], x + t, state, params["scale"],
-        params["bias"], train=True, window=3, momentum=0.9)
+    y_core, _ = core(params["kernel"], x + t, state, params["scale"],
+                     params["bias"])
     params, stats, y = train_step(params, stats, x + t)
     np.testing.assert_allclose(y, y_core, rtol=1e-5, atol=1e-5)
   assert len(traces) == 1

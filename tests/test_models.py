@@ -54,6 +54,13 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0,
                 'xla_llvm_disable_expensive_passes': True}
 
 
+def normal(seed, shape, loc=0.0, scale=1.0):
+  """float32 N(loc, scale^2) test inputs from NumPy (jax.random.normal
+  compiles a sampler for every new shape: ~0.2-1 s each on a CPU)."""
+  rng = np.random.default_rng(seed)
+  return (loc + scale * rng.standard_normal(shape)).astype(np.float32)
+
+
 def run_fast(fn, *args):
   """fn(*args) under one jit compiled without XLA optimizations."""
   return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
@@ -392,7 +399,7 @@ def check_norm_outputs(norm_modules, norm_io):
 
 @pytest.mark.parametrize('norm', NORMS)
 def test_every_norm_executes(norm):
-  x = jax.random.normal(jax.random.key(3), (BATCH, 2, 2, 3)) * 3.0 + 1.0
+  x = normal(3, (BATCH, 2, 2, 3), loc=1.0, scale=3.0)
   kwargs = TINY_NORM_KWARGS.get(norm)
   # Dense path, through create_model; conv path, one block.
   model = create_model('deep_linear', num_classes=NUM_CLASSES, norm=norm,
@@ -442,7 +449,7 @@ def test_every_model_executes_with_bn(name):
                         shortcut='B', norm='bn')
   else:
     model = tiny_model(name, 'bn')
-  x = jax.random.normal(jax.random.key(4), TINY_IMAGE)
+  x = normal(4, TINY_IMAGE)
 
   def step(x):
     out = full_step(model, x)
@@ -579,7 +586,7 @@ def test_bfloat16_activations_float32_params_and_logits():
   # And it runs: finite float32 logits.
   model = tiny_model('mlp', 'bn', dtype=jnp.bfloat16)
   out = run_fast(lambda x: full_step(model, x),
-                 jax.random.normal(jax.random.key(5), TINY_IMAGE))
+                 normal(5, TINY_IMAGE))
   assert out['logits'].dtype == jnp.float32
   assert_finite(out)
 
@@ -627,7 +634,7 @@ def test_mlp_logits_match_numpy_forward(norm, dtype):
   of the activation dtype (relative to the largest logit)."""
   model = create_model('mlp', num_classes=NUM_CLASSES, norm=norm,
                        hidden=(6, 5, 4), dtype=dtype)
-  x = np.asarray(jax.random.normal(jax.random.key(6), (8, 3, 2, 1)) * 2 + 1)
+  x = normal(6, (8, 3, 2, 1), loc=1.0, scale=2.0)
   variables = model.init(RNGS_INIT, x, train=False)
   # Non-trivial scale/bias and running statistics (init: 1, 0, 0, 1).
   variables = jax.tree.map(lambda a: a + 0.3 * jnp.sin(
@@ -657,7 +664,7 @@ def test_option_a_shortcut_matches_numpy():
   # With zero conv kernels and no norm the block is relu(shortcut(x)); option
   # A subsamples with stride 2 and zero-pads the new channels half/half.
   block = BasicBlock(8, strides=2, shortcut='A', norm='none')
-  x = jax.random.normal(jax.random.key(6), (2, 4, 4, 4))
+  x = normal(6, (2, 4, 4, 4))
   variables = jax.eval_shape(
       lambda: block.init(jax.random.key(0), x, train=False))
   zero = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), variables)
@@ -675,7 +682,7 @@ def test_option_a_shortcut_matches_numpy():
 
 
 def test_conv_layer_norm_normalizes_each_sample_over_hwc():
-  x = jax.random.normal(jax.random.key(7), (3, 3, 3, 2), jnp.float32)
+  x = normal(7, (3, 3, 3, 2))
   block = ConvNorm(4, (3, 3), norm='ln')
   variables, y = run_fast(lambda x: (
       block.init(jax.random.key(0), x, train=True),
@@ -701,7 +708,7 @@ def test_group_norm_default_groups():
   assert [norms.default_num_groups(c) for c in (16, 64, 100, 512, 48, 7)] == \
       [16, 32, 25, 32, 24, 7]
   # 6 channels -> 6 groups: every channel normalized per sample over H, W.
-  x = jax.random.normal(jax.random.key(8), (2, 3, 3, 2))
+  x = normal(8, (2, 3, 3, 2))
   block = ConvNorm(6, (1, 1), norm='gn')
   y = run_fast(lambda x: block.apply(
       block.init(jax.random.key(0), x, train=True), x, train=True), x)
@@ -717,7 +724,7 @@ def test_sync_bn_axis_name_reaches_the_norm():
                        width=4, axis_name='batch')
   single = create_model('deep_linear', num_classes=3, norm='bn', depth=2,
                         width=4)
-  x = jax.random.normal(jax.random.key(9), (8, 5)) * 2 + 1
+  x = normal(9, (8, 5), loc=1.0, scale=2.0)
   variables = single.init(jax.random.key(0), x, train=False)
   expected, updates = single.apply(variables, x, train=True,
                                    mutable=['batch_stats'])
@@ -781,7 +788,7 @@ def test_naive_cbn_is_cbn_without_compensation():
   statistics used as stored). Over 4 training steps with moving weights its
   outputs and running statistics equal norm='cbn' with rho=0 exactly, and
   differ from compensated CBN's once the window holds past entries."""
-  x = jax.random.normal(jax.random.key(5), (4, 6)) * 2.0 + 1.0
+  x = normal(5, (4, 6), loc=1.0, scale=2.0)
 
   def run(norm, kwargs):
     model = create_model('deep_linear', num_classes=NUM_CLASSES, norm=norm,

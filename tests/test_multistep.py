@@ -18,7 +18,7 @@ import pytest
 
 from bn_jax import models
 from bn_jax.training import (base_config, config_validation, input_pipeline,
-                             loop, optim, steps)
+                             loop, steps)
 
 
 # A small MLP run on the 8x8 digits (355 test images in one batch).
@@ -219,26 +219,50 @@ def test_host_pipeline_on_device_gives_the_numpy_batches(train, digits):
     np.testing.assert_array_equal(np.asarray(got["label"]), want["label"])
 
 
-@pytest.mark.parametrize("pipeline,augment,n,norm", [
-    ("device", True, 3, "cbn"), ("device", False, 1, "bn"),
-    ("host", True, 3, "bn")])
-def test_resume_is_bit_identical(train, tmp_path, pipeline, augment, n, norm,
+# The three resumed settings, each a path of train.py's input feeds: the
+# device pipeline with crops and flips, n steps per dispatch, CBN (its window
+# of past statistics is part of the resumed state); the host pipeline with
+# augmentation (NumPy batches), n steps per dispatch; the host pipeline
+# without augmentation (the normalized set on the device, example indices
+# from the host order), one step per dispatch, with AdamW (two moment trees
+# in opt_state) and a warmup + cosine schedule (the learning rate depends on
+# the restored step), batches of 128 so that the resumed steps cross an
+# epoch boundary (11 steps per epoch: the order restarts from (seed, epoch)).
+_RESUMED = {
+    "device-augment-3-cbn": dict(input_pipeline="device", augment=True,
+                                 steps_per_dispatch=3, norms=("cbn",)),
+    "host-augment-3-bn": dict(input_pipeline="host", augment=True,
+                              steps_per_dispatch=3, norms=("bn",)),
+    "host-indices-1-bn-adamw-cosine-epoch": dict(
+        input_pipeline="host", augment=False, steps_per_dispatch=1,
+        norms=("bn",), batch_size=128, optimizer="adamw",
+        weight_decay=0.1, schedule="cosine", warmup_steps=2),
+}
+
+
+@pytest.mark.parametrize("setting", list(_RESUMED))
+def test_resume_is_bit_identical(train, tmp_path, digits, setting,
                                  unoptimized_compilation):
   """Stopped after 6 steps and resumed == 12 uninterrupted steps, bit for
-  bit (params, batch_stats with CBN's window, optimizer state), for the
-  device pipeline (batches from (seed, step), with crops and flips) and the
-  host pipeline with augmentation, one or n steps per dispatch. (The
-  programs are compiled without XLA's optimizations, for time: both runs
-  execute the same programs either way.)"""
-  config = _config(norms=(norm,), input_pipeline=pipeline, augment=augment,
-                   steps_per_dispatch=n, log_every=3, checkpoint_every=3)
+  bit (params, batch_stats with CBN's window, optimizer state, key), each
+  step logged once, in the settings of ``_RESUMED``. (The programs are
+  compiled without XLA's optimizations, for time: both runs execute the
+  same programs either way.)"""
+  config = _config(log_every=3, checkpoint_every=3, **_RESUMED[setting])
+  if config.batch_size == 128:  # the resumed steps 7-12 cross an epoch
+    per_epoch = input_pipeline.steps_per_epoch(digits[0], config.batch_size)
+    assert 6 < per_epoch < 12, per_epoch
   interrupted, _ = train.train_and_evaluate(config, str(tmp_path / "a"),
                                             stop_after_steps=6)
   assert int(interrupted.step) == 6
   resumed, _ = train.train_and_evaluate(config, str(tmp_path / "a"))
   straight, _ = train.train_and_evaluate(config, str(tmp_path / "b"))
   assert int(resumed.step) == int(straight.step) == 12
-  for name in ("params", "batch_stats", "opt_state"):
+  assert jax.tree.leaves(straight.batch_stats)
+  # (train.py never changes the key, so 'rng' cannot fail here; that a
+  # restore returns the saved key, not the target's, is
+  # test_checkpoint.test_restore_returns_the_saved_state_not_the_target.)
+  for name in ("params", "batch_stats", "opt_state", "rng"):
     for x, y in zip(jax.tree.leaves(getattr(resumed, name)),
                     jax.tree.leaves(getattr(straight, name)), strict=True):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
